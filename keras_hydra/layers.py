@@ -1,0 +1,159 @@
+"""`HydraHeads`: all of a Hydra's heads as one batched computation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def _per_head(initializer, num_heads: int):
+    """Draws each head's slice separately, so fans are those of one head."""
+
+    def init(shape, dtype=None):
+        return ops.stack(
+            [initializer(shape[1:], dtype=dtype) for _ in range(num_heads)]
+        )
+
+    return init
+
+
+@keras.saving.register_keras_serializable(package="keras_hydra")
+class HydraHeads(keras.layers.Layer):
+    """`num_heads` independent MLP heads evaluated as one batched kernel.
+
+    Head `m` is a stack of dense layers with its own weights. All heads run
+    together: the first layer is `einsum("bd,mdk->bmk")` on the shared features
+    and later layers `einsum("bmh,mhk->bmk")`, so the cost of many heads is one
+    larger matrix product, not a Python loop.
+
+    Args:
+        num_heads: int, the number of heads.
+        units: int, the output size of each head.
+        hidden_units: sequence of ints, sizes of hidden layers inside each head.
+        activation: activation of the hidden layers.
+        kernel_initializer: initializer of each head's kernels (drawn per head).
+        bias_initializer: initializer of the biases.
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        features: tensor `[batch, features]`.
+
+    Returns:
+        Tensor `[batch, num_heads, units]`.
+
+    Example:
+
+    >>> heads = HydraHeads(num_heads=4, units=3, hidden_units=(8,))
+    >>> heads(np.zeros((2, 5), "float32")).shape
+    (2, 4, 3)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        units: int,
+        hidden_units: Sequence[int] = (),
+        activation="relu",
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if int(num_heads) < 1:
+            raise ValueError(f"`num_heads` must be >= 1. Received: {num_heads}")
+        if int(units) < 1:
+            raise ValueError(f"`units` must be >= 1. Received: {units}")
+        self.num_heads = int(num_heads)
+        self.units = int(units)
+        self.hidden_units = tuple(int(u) for u in hidden_units)
+        self.activation = keras.activations.get(activation)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape):
+        if len(input_shape) != 2:
+            raise ValueError(
+                "HydraHeads expects features of shape [batch, features]; "
+                f"received shape {tuple(input_shape)}. End the body with a "
+                "Flatten or pooling layer."
+            )
+        sizes = [input_shape[-1], *self.hidden_units, self.units]
+        self.kernels = []
+        self.biases = []
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            self.kernels.append(
+                self.add_weight(
+                    shape=(self.num_heads, fan_in, fan_out),
+                    initializer=_per_head(self.kernel_initializer, self.num_heads),
+                    name=f"kernel_{i}",
+                )
+            )
+            self.biases.append(
+                self.add_weight(
+                    shape=(self.num_heads, fan_out),
+                    initializer=self.bias_initializer,
+                    name=f"bias_{i}",
+                )
+            )
+
+    def call(self, features):
+        x = ops.einsum("bd,mdk->bmk", features, self.kernels[0]) + self.biases[0]
+        for kernel, bias in zip(self.kernels[1:], self.biases[1:], strict=True):
+            x = ops.einsum("bmh,mhk->bmk", self.activation(x), kernel) + bias
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_heads, self.units)
+
+    def expand(
+        self, num_heads: int, noise_stddev: float = 0.0, seed: int | None = None
+    ) -> HydraHeads:
+        """Returns a built copy of this single head, repeated `num_heads` times.
+
+        Args:
+            num_heads: int, the number of heads of the new layer.
+            noise_stddev: float, standard deviation of Gaussian noise added to
+                every copied weight, so heads start apart.
+            seed: optional int seed of that noise.
+
+        Returns:
+            A new `HydraHeads` whose heads all equal this layer's head (plus
+            noise).
+        """
+        if self.num_heads != 1:
+            raise ValueError(
+                "Only a single head can be expanded; this layer already has "
+                f"{self.num_heads} heads."
+            )
+        if not self.built:
+            raise ValueError("The head is not built yet: there is nothing to copy.")
+        config = self.get_config()
+        config["num_heads"] = num_heads
+        expanded = self.__class__.from_config(config)
+        expanded.build((None, self.kernels[0].shape[1]))
+        rng = np.random.default_rng(seed)
+        for new, old in zip(expanded.weights, self.weights, strict=True):
+            value = np.repeat(ops.convert_to_numpy(old), num_heads, axis=0)
+            if noise_stddev:
+                value = value + rng.normal(0.0, noise_stddev, value.shape)
+            new.assign(value.astype(new.dtype))
+        return expanded
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "units": self.units,
+                "hidden_units": list(self.hidden_units),
+                "activation": keras.activations.serialize(self.activation),
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config

@@ -1,0 +1,142 @@
+"""Distillation losses for classification Hydras."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+_EPSILON = 1e-12
+
+
+def members_per_head(num_members: int, num_heads: int) -> int:
+    """How many teacher members each of `num_heads` heads matches.
+
+    The rule: with `M` members and `S` heads, `S` must divide `M`, and head
+    `s` matches the average of the contiguous members
+    `s * M // S, ..., (s + 1) * M // S - 1`. So `S == M` pairs head `m` with
+    member `m`, and `S == 1` matches the whole ensemble's mean.
+
+    Args:
+        num_members: int, `M`.
+        num_heads: int, `S`.
+
+    Returns:
+        `M // S`.
+
+    Raises:
+        ValueError: if `S` does not divide `M`.
+
+    Example:
+
+    >>> members_per_head(10, 5)
+    2
+    """
+    if num_heads < 1 or num_members < 1 or num_members % num_heads:
+        raise ValueError(
+            f"Cannot assign {num_members} teacher members to {num_heads} heads: "
+            "the number of heads must divide the number of members (head s "
+            "matches members s*M/S to (s+1)*M/S - 1)."
+        )
+    return num_members // num_heads
+
+
+@keras.saving.register_keras_serializable(package="keras_hydra")
+class HydraKL(keras.losses.Loss):
+    """Hydra distillation loss: each head matches its teacher member(s).
+
+    `y_true` holds the teacher members' outputs `[batch, M, K]` and `y_pred`
+    the student's heads `[batch, S, K]`. With tempered distributions
+    `p_m = softmax(t_m / T)` and `q_s = softmax(z_s / T)`, the per-example loss
+    is `T^2 * mean_s KL(pbar_s || q_s)`, where `pbar_s` is the mean of the
+    members assigned to head `s` (see `members_per_head`). Hence:
+
+    - `S == M`: Hydra, head `m` mimics member `m`.
+    - `S == 1`: Hinton knowledge distillation on the ensemble's mean (the
+      phase-1 "Hinton head" and the plain KD student).
+
+    The same loss serves both phases: the shapes say which case applies.
+
+    Args:
+        temperature: float > 0, the softmax temperature `T`. Stored in a
+            non-trainable `keras.Variable` (`loss.temperature`) so that a
+            callback can `assign` it during `fit`.
+        from_logits: bool, whether `y_true` holds logits (`True`) or
+            probabilities. `y_pred` is always logits.
+        reduction: Keras loss reduction over the batch.
+        name: name of the loss.
+
+    Example:
+
+    >>> loss = HydraKL(temperature=2.0)
+    >>> teacher = np.array([[[2.0, 0.0], [0.0, 2.0]]])
+    >>> round(float(loss(teacher, teacher)), 6)  # heads equal their members
+    0.0
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        from_logits: bool = True,
+        reduction: str = "sum_over_batch_size",
+        name: str = "hydra_kl",
+        **kwargs,
+    ):
+        super().__init__(name=name, reduction=reduction, **kwargs)
+        if not float(temperature) > 0:
+            raise ValueError(f"`temperature` must be > 0. Received: {temperature}")
+        self.from_logits = from_logits
+        self.temperature = keras.Variable(
+            float(temperature), trainable=False, dtype="float32", name="temperature"
+        )
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, "float32")
+        y_pred = ops.cast(y_pred, "float32")
+        temperature = ops.cast(self.temperature, "float32")
+        _, num_heads, num_classes = y_pred.shape
+        group = members_per_head(y_true.shape[1], num_heads)
+
+        if not self.from_logits:
+            y_true = ops.log(ops.maximum(y_true, _EPSILON))
+        log_p = ops.log_softmax(y_true / temperature, axis=-1)
+        # Mean of each head's group of members, in log space.
+        log_p = ops.reshape(log_p, (-1, num_heads, group, num_classes))
+        log_p = ops.logsumexp(log_p, axis=2) - np.log(group).astype("float32")
+        log_q = ops.log_softmax(y_pred / temperature, axis=-1)
+        kl = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
+        return ops.mean(kl, axis=-1) * temperature**2
+
+    def validate_targets(self, targets: np.ndarray, num_heads: int) -> None:
+        """Raises a `ValueError` if `targets` do not suit this loss.
+
+        Args:
+            targets: array `[batch, M, K]` of teacher outputs.
+            num_heads: int, the student's head count `S`.
+        """
+        members_per_head(targets.shape[1], num_heads)
+        if self.from_logits:
+            return
+        if np.any(targets < 0):
+            raise ValueError(
+                "With from_logits=False the targets must be probabilities, but "
+                f"some are negative (min {float(targets.min()):g})."
+            )
+        sums = targets.astype("float64").sum(axis=-1)
+        worst = np.unravel_index(np.argmax(np.abs(sums - 1.0)), sums.shape)
+        if abs(sums[worst] - 1.0) > 1e-3:
+            raise ValueError(
+                "With from_logits=False each target row must sum to 1, but row "
+                f"{tuple(int(i) for i in worst)} (example, member) sums to "
+                f"{float(sums[worst]):.6g}. Pass logits with from_logits=True."
+            )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "temperature": float(ops.convert_to_numpy(self.temperature)),
+                "from_logits": self.from_logits,
+            }
+        )
+        return config
