@@ -10,12 +10,24 @@ from keras import ops
 
 
 def _per_head(initializer, num_heads: int):
-    """Draws each head's slice separately, so fans are those of one head."""
+    """Draws each head's slice apart: per-head fans, and distinct values.
+
+    A Keras initializer repeats its values when called twice, so each head
+    gets its own copy (seeded `seed + m` when a seed was given).
+    """
+    config = initializer.get_config()
+    seed = config.get("seed")
+    initializers = [
+        initializer.__class__.from_config(
+            {**config, "seed": None if seed is None else seed + m}
+        )
+        if "seed" in config
+        else initializer
+        for m in range(num_heads)
+    ]
 
     def init(shape, dtype=None):
-        return ops.stack(
-            [initializer(shape[1:], dtype=dtype) for _ in range(num_heads)]
-        )
+        return ops.stack([init_m(shape[1:], dtype=dtype) for init_m in initializers])
 
     return init
 
@@ -47,7 +59,7 @@ class HydraHeads(keras.layers.Layer):
     Example:
 
     >>> heads = HydraHeads(num_heads=4, units=3, hidden_units=(8,))
-    >>> heads(np.zeros((2, 5), "float32")).shape
+    >>> tuple(heads(np.zeros((2, 5), "float32")).shape)
     (2, 4, 3)
     """
 

@@ -96,6 +96,11 @@ class HydraModel(keras.Model):
         """The online teacher, or `None` when targets are given as `y`."""
         return self._teacher.model if self._teacher is not None else None
 
+    def build(self, input_shape):
+        if not self.body.built:
+            self.body.build(input_shape)
+        self.heads.build(self.body.compute_output_shape(input_shape))
+
     def call(self, inputs, training=None):
         return self.heads(self.body(inputs, training=training))
 

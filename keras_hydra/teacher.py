@@ -25,7 +25,7 @@ class Ensemble(keras.Model):
     Example:
 
     >>> members = [keras.Sequential([keras.layers.Dense(3)]) for _ in range(4)]
-    >>> Ensemble(members)(np.zeros((2, 5), "float32")).shape
+    >>> tuple(Ensemble(members)(np.zeros((2, 5), "float32")).shape)
     (2, 4, 3)
     """
 

@@ -1,0 +1,224 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from scipy.special import log_softmax, softmax
+
+import keras_hydra as kh
+from conftest import NUM_MEMBERS, TEMPERATURE, mlp_body
+
+
+def small_hydra(num_classes=3, num_heads=1, hidden_units=()):
+    model = kh.HydraModel(
+        mlp_body(8), kh.heads.Categorical(num_classes, hidden_units), num_heads
+    )
+    model.compile(optimizer="adam", loss=kh.losses.HydraKL(temperature=2.0))
+    return model
+
+
+def random_data(n=64, members=4, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.normal(size=(n, 5)).astype("float32"),
+        rng.normal(size=(n, members, classes)).astype("float32"),
+    )
+
+
+def test_output_shape(distilled):
+    outputs = distilled.hydra.predict(distilled.x[:10], verbose=0)
+    assert outputs.shape == (10, NUM_MEMBERS, 6)
+
+
+def test_add_heads_copies_the_head_then_training_separates_heads(distilled):
+    for m in range(NUM_MEMBERS):
+        np.testing.assert_allclose(
+            distilled.expanded_outputs[:, m], distilled.phase1_outputs[:, 0], atol=1e-5
+        )
+    outputs = distilled.hydra.predict(distilled.x, verbose=0)
+    spread = np.abs(outputs - outputs.mean(axis=1, keepdims=True)).mean()
+    assert spread > 0.1
+    losses = distilled.phase2_losses
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_each_head_is_closest_to_its_own_member(distilled):
+    heads = log_softmax(
+        distilled.hydra.predict(distilled.x, verbose=0) / TEMPERATURE, -1
+    )
+    members = log_softmax(distilled.targets / TEMPERATURE, -1)
+    # kl[m, s]: mean KL(member m || head s).
+    kl = np.einsum(
+        "nmk,nmsk->ms",
+        np.exp(members),
+        members[:, :, None, :] - heads[:, None, :, :],
+    ) / len(distilled.x)
+    own = np.argmin(kl, axis=0) == np.arange(NUM_MEMBERS)
+    assert own.mean() >= 0.75, kl
+
+
+def test_predict_uncertainty_matches_numpy(distilled):
+    u = distilled.hydra.predict_uncertainty(distilled.x[:50])
+    probs = softmax(distilled.hydra.predict(distilled.x[:50], verbose=0), axis=-1)
+    np.testing.assert_allclose(u["probabilities"], probs.mean(1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(u["head_probabilities"], probs, rtol=1e-4, atol=1e-6)
+    assert all(isinstance(v, np.ndarray) for v in u.values())
+
+
+def test_keras_round_trip_before_and_after_add_heads(tmp_path):
+    x, targets = random_data()
+    model = small_hydra(hidden_units=(4,))
+    model.fit(x, targets, epochs=1, verbose=0)
+    for stage in ["one_head", "four_heads"]:
+        path = str(tmp_path / f"{stage}.keras")
+        model.save(path)
+        restored = keras.saving.load_model(path)
+        assert type(restored) is kh.HydraModel
+        assert restored.num_heads == model.num_heads
+        np.testing.assert_array_equal(
+            restored.predict(x, verbose=0), model.predict(x, verbose=0)
+        )
+        for a, b in zip(
+            restored.optimizer.variables, model.optimizer.variables, strict=True
+        ):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        assert restored.loss.get_config() == model.loss.get_config()
+        if stage == "one_head":
+            model.add_heads(4)
+            model.fit(x, targets, epochs=1, verbose=0)
+    # The restored model trains on.
+    restored.fit(x, targets, epochs=1, verbose=0)
+
+
+def test_add_heads_carries_optimizer_state():
+    x, targets = random_data()
+    model = small_hydra(hidden_units=(4,))
+    model.fit(x, targets, epochs=2, verbose=0)
+    before = {v.path: v.numpy() for v in model.optimizer.variables}
+    model.add_heads(4, noise_stddev=0.01, seed=0)
+    after = model.optimizer.variables
+    assert len(after) == len(before)
+    for new, old in zip(after, before.values(), strict=True):
+        if new.shape == old.shape:
+            np.testing.assert_array_equal(new.numpy(), old)
+        else:
+            assert new.shape[0] == 4 and old.shape[0] == 1
+            np.testing.assert_array_equal(new.numpy(), np.repeat(old, 4, axis=0))
+    iterations = int(model.optimizer.iterations.numpy())
+    history = model.fit(x, targets, epochs=2, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == iterations + 4
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_add_heads_misuse():
+    with pytest.raises(ValueError, match="never built"):
+        small_hydra().add_heads(4)
+    x, targets = random_data()
+    model = small_hydra()
+    model.fit(x, targets, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="num_heads=0 is below the current head count"):
+        model.add_heads(0)
+    model.add_heads(4)
+    with pytest.raises(ValueError, match="already has 4 heads"):
+        model.add_heads(8)
+
+
+BAD_TARGETS = {
+    "class count": (
+        np.zeros((64, 4, 5), "float32"),
+        "have 5 classes .* num_classes=3",
+    ),
+    "rank": (np.zeros((64, 3), "float32"), r"rank 3\). Received shape \((64|16), 3\)"),
+    "nan": (
+        np.where(np.arange(64 * 4 * 3).reshape(64, 4, 3) == 7, np.nan, 0.0),
+        r"NaN or Inf \(first at index \(0, 2, 1\)",
+    ),
+    "member count": (np.zeros((64, 5, 3), "float32"), "Cannot assign 5 teacher"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TARGETS))
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_bad_targets_raise_before_training(case, as_dataset):
+    targets, message = BAD_TARGETS[case]
+    x, _ = random_data()
+    model = small_hydra(num_heads=2)
+    model.build((None, 5))
+    weights = [w.numpy() for w in model.weights]
+    data = {"x": x, "y": targets}
+    if as_dataset:
+        data = {"x": tf.data.Dataset.from_tensor_slices((x, targets)).batch(16)}
+    with pytest.raises(ValueError, match=message):
+        model.fit(**data, epochs=1, verbose=0)
+    assert model.optimizer.iterations.numpy() == 0
+    for before, after in zip(weights, model.weights, strict=True):
+        np.testing.assert_array_equal(before, after.numpy())
+
+
+def test_probabilities_must_sum_to_one():
+    x, _ = random_data()
+    probs = np.full((64, 4, 3), 1 / 3, "float32")
+    model = kh.HydraModel(mlp_body(8), kh.heads.Categorical(3))
+    model.compile(optimizer="adam", loss=kh.losses.HydraKL(from_logits=False))
+    model.fit(x, probs, epochs=1, verbose=0)
+    probs[3, 2] = [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match=r"row \(3, 2\) .* sums to 1.5"):
+        model.fit(x, probs, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="validation|sums to 1.5"):
+        model.fit(x, np.full_like(probs, 1 / 3), validation_data=(x, probs), verbose=0)
+
+
+def test_fit_on_tf_data_matches_numpy():
+    x, targets = random_data(seed=3)
+    results = []
+    for as_dataset in [False, True]:
+        keras.utils.set_random_seed(0)
+        model = small_hydra(num_heads=4)
+        if as_dataset:
+            data = tf.data.Dataset.from_tensor_slices((x, targets)).batch(16)
+            model.fit(data, epochs=2, verbose=0)
+        else:
+            model.fit(x, targets, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append(model.predict(x, verbose=0))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_fit_on_tfds_pipeline():
+    with tfds.testing.mock_data(num_examples=96):
+        images = tfds.load("mnist", split="train", as_supervised=True)
+    images = images.map(
+        lambda image, _: tf.reshape(tf.cast(image, "float32"), [-1]) / 255
+    )
+    members = [keras.Sequential([keras.layers.Dense(10)]) for _ in range(2)]
+    targets = kh.teacher.predict(members, images.batch(32))
+    assert targets.shape == (96, 2, 10)
+    data = tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices(targets))
+    model = kh.HydraModel(mlp_body(8), kh.heads.Categorical(10))
+    model.compile(optimizer="adam", loss=kh.losses.HydraKL())
+    history = model.fit(data.batch(32), epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2
+    model.add_heads(2)
+    model.fit(data.batch(32), epochs=1, verbose=0)
+    assert model.evaluate(data.batch(32), verbose=0) > 0
+
+
+def test_standard_callbacks(tmp_path):
+    x, targets = random_data()
+    model = small_hydra(num_heads=4)
+    checkpoint = str(tmp_path / "best.keras")
+    history = model.fit(
+        x,
+        targets,
+        validation_data=(x, targets),
+        epochs=30,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.ModelCheckpoint(checkpoint, save_best_only=True),
+            keras.callbacks.EarlyStopping(patience=0, min_delta=10.0),
+            keras.callbacks.TensorBoard(str(tmp_path / "logs")),
+        ],
+    )
+    assert len(history.history["loss"]) == 2  # stopped by EarlyStopping
+    restored = keras.saving.load_model(checkpoint)
+    assert restored.num_heads == 4
+    assert list((tmp_path / "logs" / "train").glob("events.out.tfevents.*"))
