@@ -1,0 +1,134 @@
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_hydra as kh
+from conftest import mlp_body
+
+# Runs in a fresh process where keras_hydra and TFP cannot be imported.
+SERVE_SCRIPT = """
+import sys
+sys.modules["keras_hydra"] = None
+sys.modules["tensorflow_probability"] = None
+import numpy as np, tensorflow as tf
+path, inputs, out = sys.argv[1:]
+loaded = tf.saved_model.load(path)
+outputs = loaded.signatures["serving_default"](x=tf.constant(np.load(inputs)))
+np.savez(out, **{k: v.numpy() for k, v in outputs.items()})
+print(len(loaded.variables))
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype("float32")
+    targets = rng.normal(size=(64, 3, 4)).astype("float32")
+    teacher = [keras.Sequential([keras.layers.Dense(4)]) for _ in range(3)]
+    body = keras.Sequential([keras.Input((5,), name="x"), *mlp_body(8).layers])
+    model = kh.HydraModel(body, kh.heads.Categorical(4), teacher=teacher)
+    model.compile(optimizer="adam", loss=kh.losses.HydraKL(temperature=3.0))
+    model.fit(x, targets, epochs=1, verbose=0)
+    model.add_heads(3)
+    model.fit(x, targets, epochs=1, verbose=0)
+    path = str(tmp_path_factory.mktemp("export") / "hydra" / "1")
+    kh.export.saved_model(model, path)
+    return model, x, path
+
+
+def test_serves_predict_uncertainty_without_the_package(exported, tmp_path):
+    model, x, path = exported
+    np.save(tmp_path / "x.npy", x[:7])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SERVE_SCRIPT,
+            path,
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    # The online teacher's variables are not in the SavedModel.
+    assert int(result.stdout.split()[-1]) == len(model.weights)
+    served = np.load(tmp_path / "out.npz")
+    expected = model.predict_uncertainty(x[:7])
+    assert set(served.files) == set(expected)
+    for key, value in expected.items():
+        assert served[key].dtype == value.dtype, key
+        assert served[key].shape == value.shape, key
+        np.testing.assert_allclose(served[key], value, rtol=1e-5, atol=1e-5)
+    assert served["predicted_class"].dtype == np.int64
+    assert served["probabilities"].dtype == np.float32
+
+
+def test_saved_model_cli_show_and_run(exported):
+    _, x, path = exported
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    shown = subprocess.run(
+        ["saved_model_cli", "show", "--dir", path, "--all"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout
+    assert "signature_def['serving_default']" in shown
+    assert "signature_def['head_outputs']" in shown
+    for name in [
+        "x",
+        "probabilities",
+        "head_probabilities",
+        "predicted_class",
+        "total_uncertainty",
+        "aleatoric_uncertainty",
+        "epistemic_uncertainty",
+    ]:
+        assert f"outputs['{name}']" in shown or f"inputs['{name}']" in shown, name
+    ran = subprocess.run(
+        [
+            "saved_model_cli",
+            "run",
+            "--dir",
+            path,
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--input_exprs",
+            f"x={json.dumps(x[:2].tolist())}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout
+    for name in ["probabilities", "predicted_class", "epistemic_uncertainty"]:
+        assert name in ran
+
+
+def test_refuses_unbuilt_model_and_non_empty_path(tmp_path):
+    unbuilt = kh.HydraModel(mlp_body(8), kh.heads.Categorical(3))
+    with pytest.raises(ValueError, match="never been built"):
+        kh.export.saved_model(unbuilt, str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()
+
+    model = kh.HydraModel(mlp_body(8), kh.heads.Categorical(3))
+    model.build((None, 5))
+    target = tmp_path / "b"
+    target.mkdir()
+    (target / "keep.txt").write_text("user data")
+    with pytest.raises(ValueError, match="exists and is not empty.*overwrite=True"):
+        kh.export.saved_model(model, str(target))
+    assert (target / "keep.txt").read_text() == "user data"
+    kh.export.saved_model(model, str(target), overwrite=True)
+    assert (target / "saved_model.pb").exists() and not (target / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export-")] == []
