@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import keras_hydra as kh
+
 from conftest import mlp_body
 
 # Runs in a fresh process where keras_hydra and TFP cannot be imported.

@@ -6,6 +6,7 @@ import tensorflow_datasets as tfds
 from scipy.special import log_softmax, softmax
 
 import keras_hydra as kh
+
 from conftest import NUM_MEMBERS, TEMPERATURE, mlp_body
 
 

@@ -1,9 +1,10 @@
 import keras
 import numpy as np
 import tensorflow as tf
-from conftest import mlp_body
 
 import keras_hydra as kh
+
+from conftest import mlp_body
 
 
 def members(count=3, classes=4):
