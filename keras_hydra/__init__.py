@@ -1,12 +1,27 @@
 """Hydra ensemble distillation for Keras 3."""
 
-from keras_hydra import export, heads, layers, losses, teacher, uncertainty
+from keras_hydra import (
+    callbacks,
+    data,
+    distributions,
+    evaluation,
+    export,
+    heads,
+    layers,
+    losses,
+    teacher,
+    uncertainty,
+)
 from keras_hydra.model import HydraModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HydraModel",
+    "callbacks",
+    "data",
+    "distributions",
+    "evaluation",
     "export",
     "heads",
     "layers",

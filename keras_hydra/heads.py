@@ -5,9 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 
-from keras_hydra import uncertainty
-from keras_hydra.layers import HydraHeads
+from keras_hydra import distributions, uncertainty
+from keras_hydra.layers import DistributionHeads, HydraHeads
+
+tfd = distributions.tfd
+
+
+def _check_rank(shape, what: str) -> None:
+    if len(shape) != 3:
+        raise ValueError(
+            f"Teacher targets must have shape [batch, members, {what}] (rank 3). "
+            f"Received shape {tuple(shape)}."
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_hydra")
@@ -51,14 +62,11 @@ class Categorical:
             name=name,
         )
 
-    def validate_targets(self, shape) -> None:
-        """Raises if teacher targets of `shape` do not fit these heads."""
-        if len(shape) != 3:
-            raise ValueError(
-                "Teacher targets must have shape [batch, members, num_classes] "
-                f"(rank 3). Received shape {tuple(shape)}."
-            )
-        if shape[-1] is not None and shape[-1] != self.num_classes:
+    def validate_targets(self, targets: np.ndarray) -> None:
+        """Raises if teacher targets (logits or probabilities) do not fit."""
+        shape = targets.shape
+        _check_rank(shape, "num_classes")
+        if shape[-1] != self.num_classes:
             raise ValueError(
                 f"Teacher targets have {shape[-1]} classes (shape {tuple(shape)}) "
                 f"but the heads have num_classes={self.num_classes}."
@@ -67,6 +75,14 @@ class Categorical:
     def uncertainty(self, outputs) -> dict:
         """Uncertainty decomposition of head logits `[batch, heads, classes]`."""
         return uncertainty.categorical(outputs, from_logits=True)
+
+    def distribution(self, outputs):
+        """The uniform mixture over heads of the heads' categoricals."""
+        logits = keras.ops.cast(outputs, "float32")
+        return tfd.MixtureSameFamily(
+            tfd.Categorical(logits=keras.ops.zeros(keras.ops.shape(logits)[:-1])),
+            tfd.Categorical(logits=logits),
+        )
 
     def get_config(self) -> dict:
         return {
@@ -79,4 +95,124 @@ class Categorical:
 
     @classmethod
     def from_config(cls, config: dict) -> Categorical:
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_hydra")
+class Distribution:
+    """Regression heads: each head emits the parameters of a TFP family.
+
+    Head outputs are `[batch, heads, P * event_size]`, the constrained
+    parameters in the order of the family's `parameter_properties()` (Normal:
+    `loc, scale`; StudentT: `df, loc, scale`). Scales get `softplus` plus
+    `min_scale`; StudentT's `df` is kept above 2 so variances are finite.
+    Teacher members emit the same layout (end them with
+    `keras_hydra.layers.DistributionParameters`).
+
+    Args:
+        family: a `tfp.distributions` class or its name: `"Normal"`,
+            `"Laplace"`, `"StudentT"`, `"LogNormal"`, or any family whose
+            parameters are scalars.
+        event_size: int, dimensions of the target.
+        hidden_units: sequence of ints, hidden layer sizes inside each head.
+        activation: activation of the hidden layers.
+        min_scale: float, floor of positive parameters.
+        levels: central prediction interval levels reported by
+            `uncertainty` (and the serving signature).
+
+    Example:
+
+    >>> head = Distribution("Normal")
+    >>> head.units
+    2
+    """
+
+    def __init__(
+        self,
+        family="Normal",
+        event_size: int = 1,
+        hidden_units: Sequence[int] = (),
+        activation="relu",
+        min_scale: float = 1e-3,
+        levels: Sequence[float] = (0.5, 0.9, 0.95),
+    ):
+        self.family = distributions.resolve(family)
+        if int(event_size) < 1:
+            raise ValueError(f"`event_size` must be >= 1. Received: {event_size}")
+        self.event_size = int(event_size)
+        self.hidden_units = tuple(int(u) for u in hidden_units)
+        self.activation = activation
+        self.min_scale = float(min_scale)
+        self.levels = tuple(float(level) for level in levels)
+        for level in self.levels:
+            if not 0.0 < level < 1.0:
+                raise ValueError(
+                    f"Interval levels must be in (0, 1). Received: {level}"
+                )
+        self.parameter_names = distributions.parameter_names(self.family)
+
+    @property
+    def units(self) -> int:
+        """Number of outputs of one head."""
+        return len(self.parameter_names) * self.event_size
+
+    def layer(self, num_heads: int, name: str = "heads") -> DistributionHeads:
+        """Returns the `DistributionHeads` layer for `num_heads` heads."""
+        return DistributionHeads(
+            num_heads,
+            self.family,
+            event_size=self.event_size,
+            min_scale=self.min_scale,
+            hidden_units=self.hidden_units,
+            activation=self.activation,
+            name=name,
+        )
+
+    def validate_targets(self, targets: np.ndarray) -> None:
+        """Raises if teacher targets are not valid parameters of the family."""
+        shape = targets.shape
+        _check_rank(shape, "num_params * event_size")
+        if shape[-1] != self.units:
+            raise ValueError(
+                f"Teacher targets have {shape[-1]} parameters per member (shape "
+                f"{tuple(shape)}) but {self.family.__name__} with event_size="
+                f"{self.event_size} needs {self.units} "
+                f"({', '.join(self.parameter_names)})."
+            )
+        properties = self.family.parameter_properties()
+        pieces = np.split(np.asarray(targets), len(self.parameter_names), axis=-1)
+        for name, values in zip(self.parameter_names, pieces, strict=True):
+            bijector = properties[name].default_constraining_bijector_fn()
+            if isinstance(bijector, distributions.tfp.bijectors.Softplus):
+                bad = ~(values > 0)
+                if bad.any():
+                    index = tuple(int(i) for i in np.argwhere(bad)[0][:2])
+                    raise ValueError(
+                        f"Teacher targets must have {name} > 0, but (example, "
+                        f"member) {index} has {name}="
+                        f"{float(values[bad][0]):g}."
+                    )
+
+    def uncertainty(self, outputs) -> dict:
+        """Mixture moments, variance split and intervals of head parameters."""
+        return uncertainty.regression(outputs, self.family, self.levels)
+
+    def distribution(self, outputs):
+        """The uniform mixture over heads, a `tfd.MixtureSameFamily`."""
+        return distributions.mixture(outputs, self.family)
+
+    def get_config(self) -> dict:
+        return {
+            "family": self.family.__name__,
+            "event_size": self.event_size,
+            "hidden_units": list(self.hidden_units),
+            "activation": keras.activations.serialize(
+                keras.activations.get(self.activation)
+            ),
+            "min_scale": self.min_scale,
+            "levels": list(self.levels),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> Distribution:
         return cls(**config)

@@ -8,6 +8,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_hydra import distributions
+
 
 def _per_head(initializer, num_heads: int):
     """Draws each head's slice apart: per-head fans, and distinct values.
@@ -166,6 +168,99 @@ class HydraHeads(keras.layers.Layer):
                     self.kernel_initializer
                 ),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_hydra")
+class DistributionParameters(keras.layers.Layer):
+    """Constrains raw outputs `[..., P * E]` into a TFP family's parameters.
+
+    The last layer of a regression ensemble member: put it after a
+    `Dense(P * E)` so the member emits valid parameters (scales > 0, ...),
+    the targets a Hydra distils.
+
+    Args:
+        family: a `tfp.distributions` class or its name, e.g. `"Normal"`.
+        min_scale: float, floor added to positive parameters.
+        **kwargs: base layer arguments.
+
+    Example:
+
+    >>> layer = DistributionParameters("Normal")
+    >>> params = layer(np.array([[0.0, -50.0]], "float32"))  # loc, raw scale
+    >>> float(params[0, 1]) >= 1e-3
+    True
+    """
+
+    def __init__(self, family="Normal", min_scale: float = 1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.family = distributions.resolve(family)
+        self.min_scale = float(min_scale)
+
+    def call(self, raw):
+        return distributions.constrain(raw, self.family, self.min_scale)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"family": self.family.__name__, "min_scale": self.min_scale})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_hydra")
+class DistributionHeads(HydraHeads):
+    """`HydraHeads` emitting valid parameters of a TFP family, per head.
+
+    Args:
+        num_heads: int, the number of heads.
+        family: a `tfp.distributions` class or its name, e.g. `"Normal"`.
+        event_size: int, dimensions of the target.
+        min_scale: float, floor added to positive parameters.
+        **kwargs: `HydraHeads` arguments (`hidden_units`, `activation`, ...).
+
+    Returns:
+        Tensor `[batch, num_heads, P * event_size]`: the family's parameters
+        in the order of its `parameter_properties()` (for Normal: loc, scale).
+
+    Example:
+
+    >>> heads = DistributionHeads(3, "StudentT")
+    >>> tuple(heads(np.zeros((2, 4), "float32")).shape)  # df, loc, scale
+    (2, 3, 3)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        family="Normal",
+        event_size: int = 1,
+        min_scale: float = 1e-3,
+        **kwargs,
+    ):
+        family = distributions.resolve(family)
+        kwargs.pop("units", None)
+        units = len(distributions.parameter_names(family)) * int(event_size)
+        super().__init__(num_heads, units, **kwargs)
+        self.family = family
+        self.event_size = int(event_size)
+        self.min_scale = float(min_scale)
+
+    def call(self, features):
+        return distributions.constrain(
+            super().call(features), self.family, self.min_scale
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "family": self.family.__name__,
+                "event_size": self.event_size,
+                "min_scale": self.min_scale,
             }
         )
         return config

@@ -10,7 +10,6 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_hydra.losses import HydraKL
 from keras_hydra.teacher import Ensemble
 
 _SAMPLE_SIZE = 32  # examples run through an online teacher to check its outputs
@@ -137,14 +136,14 @@ class HydraModel(keras.Model):
         targets = self._sample_targets(x, y)
         if targets is None:
             return
-        self.head.validate_targets(targets.shape)
         if not np.all(np.isfinite(targets)):
             bad = tuple(int(i) for i in np.argwhere(~np.isfinite(targets))[0])
             raise ValueError(
                 f"Teacher targets contain NaN or Inf (first at index {bad}, "
                 f"value {targets[bad]})."
             )
-        if isinstance(self.loss, HydraKL):
+        self.head.validate_targets(targets)
+        if hasattr(self.loss, "validate_targets"):
             self.loss.validate_targets(targets, self.num_heads)
 
     def _sample_targets(self, x, y) -> np.ndarray | None:
@@ -230,6 +229,22 @@ class HydraModel(keras.Model):
             k: ops.convert_to_numpy(v)
             for k, v in self.head.uncertainty(outputs).items()
         }
+
+    def predict_distribution(self, x, batch_size: int | None = None, verbose=0):
+        """The predictive distribution: a uniform mixture over the heads.
+
+        Args:
+            x: inputs, as for `predict`.
+            batch_size: int, as for `predict`.
+            verbose: progress bar setting, as for `predict`.
+
+        Returns:
+            A `tfd.MixtureSameFamily` with batch shape `[N]`: of the heads'
+            family for `Distribution` heads (event shape `[event_size]`), of
+            categoricals for `Categorical` heads.
+        """
+        outputs = self.predict(x, batch_size=batch_size, verbose=verbose)
+        return self.head.distribution(outputs)
 
     def get_config(self):
         return {
