@@ -9,6 +9,7 @@ from keras_hydra import (
     heads,
     layers,
     losses,
+    metrics,
     teacher,
     uncertainty,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "heads",
     "layers",
     "losses",
+    "metrics",
     "teacher",
     "uncertainty",
 ]

@@ -244,11 +244,14 @@ class DistributionNLL(keras.losses.Loss):
     """Negative log-likelihood of labels, to train regression members.
 
     `y_pred` holds one model's parameters `[batch, P * E]` (deep ensembles
-    style: each member learns a distribution), or a Hydra's heads
-    `[batch, S, P * E]`, scored by their uniform mixture.
+    style: each member learns a distribution), or several heads
+    `[batch, S, P * E]`: scored by their uniform mixture, or, with
+    `mixture=False`, each head on its own (mean of the heads' NLLs), which
+    trains S independent members at once.
 
     Args:
         family: a `tfp.distributions` class or its name.
+        mixture: bool, how `[batch, S, P * E]` predictions are scored.
         reduction: Keras loss reduction over the batch.
         name: name of the loss.
 
@@ -262,23 +265,29 @@ class DistributionNLL(keras.losses.Loss):
     def __init__(
         self,
         family="Normal",
+        mixture: bool = True,
         reduction: str = "sum_over_batch_size",
         name: str = "distribution_nll",
         **kwargs,
     ):
         super().__init__(name=name, reduction=reduction, **kwargs)
         self.family = distributions.resolve(family)
+        self.mixture = mixture
 
     def call(self, y_true, y_pred):
         y_pred = tf.cast(y_pred, tf.float32)
-        if y_pred.shape.rank == 3:
+        y_true = tf.cast(y_true, tf.float32)
+        if y_pred.shape.rank == 2:
+            dist = distributions.make(y_pred, self.family)
+        elif self.mixture:
             dist = distributions.mixture(y_pred, self.family)
         else:
             dist = distributions.make(y_pred, self.family)
-        labels = tf.reshape(tf.cast(y_true, tf.float32), tf.shape(dist.mean()))
-        return -dist.log_prob(labels)
+            labels = tf.reshape(y_true, tf.shape(dist.mean()[:, 0]))
+            return -tf.reduce_mean(dist.log_prob(labels[:, None]), axis=1)
+        return -dist.log_prob(tf.reshape(y_true, tf.shape(dist.mean())))
 
     def get_config(self):
         config = super().get_config()
-        config["family"] = self.family.__name__
+        config.update({"family": self.family.__name__, "mixture": self.mixture})
         return config

@@ -132,7 +132,13 @@ class HydraModel(keras.Model):
         return super().evaluate(x, y, *args, **kwargs)
 
     def _validate_data(self, x, y) -> None:
-        """Checks a sample of the targets before any training step runs."""
+        """Checks a sample of the teacher targets before any training step.
+
+        Only distillation losses (those with `validate_targets`) take teacher
+        targets; other losses, e.g. an NLL on labels, are left to Keras.
+        """
+        if not hasattr(self.loss, "validate_targets"):
+            return
         targets = self._sample_targets(x, y)
         if targets is None:
             return
@@ -143,8 +149,7 @@ class HydraModel(keras.Model):
                 f"value {targets[bad]})."
             )
         self.head.validate_targets(targets)
-        if hasattr(self.loss, "validate_targets"):
-            self.loss.validate_targets(targets, self.num_heads)
+        self.loss.validate_targets(targets, self.num_heads)
 
     def _sample_targets(self, x, y) -> np.ndarray | None:
         if isinstance(x, tf.data.Dataset):

@@ -24,3 +24,25 @@ def test_ood_auroc_hand_case_and_errors():
         ood_auroc([], [1.0])
     with pytest.raises(ValueError, match="NaN"):
         ood_auroc([np.nan], [1.0])
+
+
+def test_crps_normal_mixture_against_numerical_integration():
+    from scipy import integrate, stats
+
+    from keras_hydra.evaluation import crps_normal_mixture
+
+    rng = np.random.default_rng(1)
+    loc, scale = rng.normal(size=(3, 4)), rng.uniform(0.3, 1.5, size=(3, 4))
+    y = rng.normal(size=3)
+    expected = []
+    for i in range(3):
+
+        def integrand(x, i=i):
+            cdf = stats.norm.cdf(x, loc[i], scale[i]).mean()
+            return (cdf - (x >= y[i])) ** 2
+
+        expected.append(
+            integrate.quad(integrand, -20, y[i])[0]
+            + integrate.quad(integrand, y[i], 20)[0]
+        )
+    np.testing.assert_allclose(crps_normal_mixture(y, loc, scale), expected, rtol=1e-6)

@@ -120,6 +120,12 @@ def test_nll_of_members_and_of_a_mixture():
     heads = params(rng, (6, 3))
     mix = stats.norm.pdf(y, heads[..., 0], heads[..., 1]).mean(1)
     np.testing.assert_allclose(nll(y, heads), -np.log(mix), rtol=1e-5)
+    independent = kh.losses.DistributionNLL("Normal", mixture=False, reduction=None)
+    np.testing.assert_allclose(
+        independent(y, heads),
+        -stats.norm.logpdf(y, heads[..., 0], heads[..., 1]).mean(1),
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("family", ["Normal", "Laplace", "StudentT", "LogNormal"])
