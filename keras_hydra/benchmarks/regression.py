@@ -210,3 +210,32 @@ def run(
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table(results) + "\n")
     return results
+
+
+def add_arguments(parser) -> None:
+    """Registers the `keras-hydra benchmark regression` arguments."""
+    parser.add_argument("--data-dir", required=True, help="folder of UCI sets")
+    parser.add_argument(
+        "--dataset",
+        action="append",
+        required=True,
+        help="a sub-folder of --data-dir (repeatable), or 'all'",
+    )
+    parser.add_argument("--splits", type=int, default=None, help="splits per set")
+    parser.add_argument("--members", type=int, default=5, help="ensemble size")
+    parser.add_argument("--augment", type=int, default=0, help="noisy input copies")
+    parser.add_argument("--out", required=True, help="output folder")
+
+
+def main(args) -> None:
+    """Runs the benchmark from parsed command-line arguments."""
+    datasets = args.dataset
+    if datasets == ["all"]:
+        datasets = sorted(
+            d
+            for d in os.listdir(args.data_dir)
+            if os.path.isdir(os.path.join(args.data_dir, d))
+        )
+    config = RegressionConfig(members=args.members, augment=args.augment)
+    results = run(args.data_dir, datasets, args.out, args.splits, config)
+    print(table(results))
