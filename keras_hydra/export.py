@@ -24,12 +24,24 @@ def saved_model(
 
     The `serving_default` signature takes one named float32 input with a free
     batch dimension and returns the dict of `model.predict_uncertainty` at
-    temperature 1 (for `Categorical` heads: `probabilities`,
-    `head_probabilities`, `predicted_class` (int64), `total_uncertainty`,
-    `aleatoric_uncertainty`, `epistemic_uncertainty`). A second signature,
-    `head_outputs`, returns the raw head outputs as `outputs`. The directory
-    loads with TensorFlow alone (`tf.saved_model.load`, TF Serving,
-    `saved_model_cli`); an online teacher is never part of it.
+    temperature 1:
+
+    - `Categorical` heads: `probabilities` `[batch, K]`, `head_probabilities`
+      `[batch, M, K]`, `predicted_class` `[batch]` (int64), and
+      `total_uncertainty`, `aleatoric_uncertainty`, `epistemic_uncertainty`
+      `[batch]` (nats).
+    - `Distribution` heads: `mean`, `variance`, `aleatoric_variance`,
+      `epistemic_variance` `[batch, E]`, `head_parameters` `[batch, M, P * E]`,
+      and `lower_XX` / `upper_XX` `[batch, E]` for each of the head's
+      `levels` (`lower_95`, `upper_95` for 0.95; `lower_97_5` for 0.975).
+
+    All are float32 unless noted. A second signature, `head_outputs`, returns
+    the raw head outputs as `outputs`. The directory loads with TensorFlow
+    alone (`tf.saved_model.load`, TF Serving, `saved_model_cli`): neither
+    keras_hydra nor TensorFlow Probability is needed to serve it. An online
+    teacher (`HydraModel(..., teacher=members)`) is held out of Keras
+    tracking, so it is never part of the export: the SavedModel holds the
+    body's and heads' variables only.
 
     The SavedModel is written to a temporary directory next to `path` and
     moved into place, so a failed export leaves nothing behind.

@@ -42,9 +42,9 @@ def exported(tmp_path_factory):
     return model, x, path
 
 
-def test_serves_predict_uncertainty_without_the_package(exported, tmp_path):
-    model, x, path = exported
-    np.save(tmp_path / "x.npy", x[:7])
+def serve_in_fresh_process(path, x, tmp_path):
+    """Runs SERVE_SCRIPT; returns its outputs and the loaded variable count."""
+    np.save(tmp_path / "x.npy", x)
     result = subprocess.run(
         [
             sys.executable,
@@ -59,15 +59,33 @@ def test_serves_predict_uncertainty_without_the_package(exported, tmp_path):
         check=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
-    # The online teacher's variables are not in the SavedModel.
-    assert int(result.stdout.split()[-1]) == len(model.weights)
-    served = np.load(tmp_path / "out.npz")
-    expected = model.predict_uncertainty(x[:7])
-    assert set(served.files) == set(expected)
+    return dict(np.load(tmp_path / "out.npz")), int(result.stdout.split()[-1])
+
+
+def assert_same_outputs(served, expected):
+    assert set(served) == set(expected)
     for key, value in expected.items():
         assert served[key].dtype == value.dtype, key
         assert served[key].shape == value.shape, key
         np.testing.assert_allclose(served[key], value, rtol=1e-5, atol=1e-5)
+
+
+def show_all(path):
+    return subprocess.run(
+        ["saved_model_cli", "show", "--dir", path, "--all"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    ).stdout
+
+
+def test_serves_predict_uncertainty_without_the_package(exported, tmp_path):
+    model, x, path = exported
+    served, num_variables = serve_in_fresh_process(path, x[:7], tmp_path)
+    # The online teacher's variables are not in the SavedModel.
+    assert num_variables == len(model.weights)
+    assert_same_outputs(served, model.predict_uncertainty(x[:7]))
     assert served["predicted_class"].dtype == np.int64
     assert served["probabilities"].dtype == np.float32
 
@@ -75,13 +93,7 @@ def test_serves_predict_uncertainty_without_the_package(exported, tmp_path):
 def test_saved_model_cli_show_and_run(exported):
     _, x, path = exported
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    shown = subprocess.run(
-        ["saved_model_cli", "show", "--dir", path, "--all"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    ).stdout
+    shown = show_all(path)
     assert "signature_def['serving_default']" in shown
     assert "signature_def['head_outputs']" in shown
     for name in [
@@ -114,6 +126,83 @@ def test_saved_model_cli_show_and_run(exported):
     ).stdout
     for name in ["probabilities", "predicted_class", "epistemic_uncertainty"]:
         assert name in ran
+
+
+REGRESSION_OUTPUTS = {
+    # name: shape for 7 examples, 3 heads, event size 1
+    "mean": (7, 1),
+    "variance": (7, 1),
+    "aleatoric_variance": (7, 1),
+    "epistemic_variance": (7, 1),
+    "head_parameters": (7, 3, 2),
+    "lower_80": (7, 1),
+    "upper_80": (7, 1),
+    "lower_97_5": (7, 1),
+    "upper_97_5": (7, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def exported_regression(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 5)).astype("float32")
+    y = (x[:, :1] + 0.3 * rng.normal(size=(64, 1))).astype("float32")
+    members = []
+    for _ in range(3):
+        member = keras.Sequential(
+            [
+                keras.layers.Dense(8, activation="relu"),
+                keras.layers.Dense(2),
+                kh.layers.DistributionParameters("Normal"),
+            ]
+        )
+        member.compile(optimizer="adam", loss=kh.losses.DistributionNLL("Normal"))
+        member.fit(x, y, epochs=2, verbose=0)
+        members.append(member)
+    targets = kh.teacher.predict(members, x)
+    body = keras.Sequential([keras.Input((5,), name="x"), *mlp_body(8).layers])
+    model = kh.HydraModel(body, kh.heads.Distribution("Normal", levels=(0.8, 0.975)))
+    model.compile(optimizer="adam", loss=kh.losses.DistributionKL("Normal"))
+    model.fit(x, targets, epochs=1, verbose=0)
+    model.add_heads(3, noise_stddev=0.1, seed=0)
+    model.fit(x, targets, epochs=2, verbose=0)
+    path = str(tmp_path_factory.mktemp("export") / "regression" / "1")
+    kh.export.saved_model(model, path)
+    return model, x, path
+
+
+def test_serves_regression_uncertainty_without_the_package(
+    exported_regression, tmp_path
+):
+    model, x, path = exported_regression
+    served, num_variables = serve_in_fresh_process(path, x[:7], tmp_path)
+    assert num_variables == len(model.weights)
+    expected = model.predict_uncertainty(x[:7])
+    assert {k: v.shape for k, v in expected.items()} == REGRESSION_OUTPUTS
+    assert_same_outputs(served, expected)
+    assert all(v.dtype == np.float32 for v in served.values())
+    # The heads disagree after the noisy expansion, and the bounds nest.
+    assert np.all(served["epistemic_variance"] > 0)
+    np.testing.assert_allclose(
+        served["variance"],
+        served["aleatoric_variance"] + served["epistemic_variance"],
+        rtol=1e-6,
+    )
+    assert np.all(served["lower_97_5"] < served["lower_80"])
+    assert np.all(served["lower_80"] < served["mean"])
+    assert np.all(served["mean"] < served["upper_80"])
+    assert np.all(served["upper_80"] < served["upper_97_5"])
+
+
+def test_saved_model_cli_shows_regression_outputs(exported_regression):
+    _, _, path = exported_regression
+    shown = show_all(path)
+    serving = shown.split("signature_def['serving_default']")[1]
+    assert "inputs['x']" in serving
+    for name in REGRESSION_OUTPUTS:
+        assert f"outputs['{name}']" in serving, name
+    assert "probabilities" not in serving
 
 
 def test_refuses_unbuilt_model_and_non_empty_path(tmp_path):
