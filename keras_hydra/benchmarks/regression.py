@@ -5,6 +5,13 @@ For each split: a deep ensemble of M Normal-output MLPs trained with NLL
 as training them one by one on the same batches), a Hydra distilled from it
 (phase 1, `add_heads`, phase 2) and a single-head KD student with the same
 body, all evaluated on the test split in the target's original units.
+
+Students are distilled on a transfer set: the training inputs plus
+`augment` copies perturbed with Gaussian noise (`noise`, in standard units),
+with the ensemble's outputs on them computed once. Distilling on the
+training inputs alone (`augment=0`) left Hydra's test NLL 0.19-0.28 nats
+behind the ensemble on Concrete and Yacht; the perturbed copies teach the
+students the ensemble's behaviour between training points.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ class RegressionConfig:
     body: tuple = (50, 50)
     head_hidden: tuple = ()
     learning_rate: float = 3e-3
-    augment: int = 0
+    augment: int = 4
     noise: float = 0.1
     seed: int = 0
 
@@ -59,6 +66,11 @@ def _mlp(units, name):
 
 def _fit(model, x, y, epochs, batch_size):
     model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0)
+
+
+# Many small steps per compiled call: Keras' per-step overhead dominates MLPs
+# this small.
+_STEPS_PER_EXECUTION = 64
 
 
 def _evaluate(params: np.ndarray, split: uci.UCISplit) -> dict:
@@ -95,7 +107,11 @@ def run_split(root: str, split_index: int, config: RegressionConfig) -> dict:
         num_heads=config.members,
         name="ensemble",
     )
-    ensemble.compile(optimizer(), losses.DistributionNLL("Normal", mixture=False))
+    ensemble.compile(
+        optimizer(),
+        losses.DistributionNLL("Normal", mixture=False),
+        steps_per_execution=_STEPS_PER_EXECUTION,
+    )
     _fit(ensemble, x, y, epochs, batch_size)
 
     rng = np.random.default_rng(config.seed + split_index)
@@ -112,7 +128,11 @@ def run_split(root: str, split_index: int, config: RegressionConfig) -> dict:
     hydra = HydraModel(
         _mlp(config.body, "body"), _normal_heads(config.head_hidden), name="hydra"
     )
-    hydra.compile(optimizer(), losses.DistributionKL("Normal"))
+    hydra.compile(
+        optimizer(),
+        losses.DistributionKL("Normal"),
+        steps_per_execution=_STEPS_PER_EXECUTION,
+    )
     _fit(hydra, transfer, targets, student_epochs, batch_size)
     hydra.add_heads(config.members)
     _fit(hydra, transfer, targets, student_epochs, batch_size)
@@ -120,7 +140,11 @@ def run_split(root: str, split_index: int, config: RegressionConfig) -> dict:
     kd = HydraModel(
         _mlp(config.body, "body"), _normal_heads(config.head_hidden), name="kd"
     )
-    kd.compile(optimizer(), losses.DistributionKL("Normal"))
+    kd.compile(
+        optimizer(),
+        losses.DistributionKL("Normal"),
+        steps_per_execution=_STEPS_PER_EXECUTION,
+    )
     _fit(kd, transfer, targets, 2 * student_epochs, batch_size)
 
     return {
@@ -223,7 +247,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--splits", type=int, default=None, help="splits per set")
     parser.add_argument("--members", type=int, default=5, help="ensemble size")
-    parser.add_argument("--augment", type=int, default=0, help="noisy input copies")
+    parser.add_argument(
+        "--augment", type=int, default=4, help="noisy copies of the inputs to distil on"
+    )
     parser.add_argument("--out", required=True, help="output folder")
 
 
