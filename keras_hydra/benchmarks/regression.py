@@ -46,12 +46,13 @@ class RegressionConfig:
     augment: int = 4
     noise: float = 0.1
     seed: int = 0
+    epochs: int | None = None
 
     def schedule(self, num_train: int) -> tuple[int, int]:
         """(batch size, member epochs) for a training set of `num_train` rows."""
         if num_train <= 2000:
-            return 32, 100
-        return 128, 40
+            return 32, self.epochs or 100
+        return 128, self.epochs or 40
 
 
 def _normal_heads(hidden=()):

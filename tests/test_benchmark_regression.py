@@ -1,0 +1,29 @@
+import json
+
+import numpy as np
+from test_regression import write_uci
+
+from keras_hydra.benchmarks import regression
+
+
+def test_regression_benchmark_writes_every_metric(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 2))
+    data = np.column_stack([x, x @ [1.0, -2.0] + rng.normal(0, 0.3, 60)])
+    write_uci(tmp_path / "data" / "toy", data, train=range(45), test=range(45, 60))
+    config = regression.RegressionConfig(members=2, augment=1, epochs=4)
+    results = regression.run(
+        str(tmp_path / "data"), ["toy"], str(tmp_path / "out"), config=config
+    )
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    methods = written["datasets"]["toy"]["methods"]
+    for method in regression.METHODS:
+        for metric in regression.METRICS:
+            entry = methods[method][metric]
+            assert np.isfinite(entry["mean"]) and len(entry["per_split"]) == 1
+        assert 0.0 <= methods[method]["coverage_95"]["mean"] <= 1.0
+    assert methods["kd"]["epistemic_share"]["mean"] == 0.0
+    assert methods["ensemble"]["epistemic_share"]["mean"] > 0.0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert all(f"| toy | {m} |" in table for m in regression.METHODS)
