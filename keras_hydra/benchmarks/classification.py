@@ -1,0 +1,861 @@
+"""Fashion-MNIST benchmark: deep ensemble vs Hydra vs KD student vs single model.
+
+A deep ensemble of M MLPs (784-512-512-10) is trained on Fashion-MNIST; its
+outputs on the training set (and on any augmented transfer inputs a variant
+needs) are computed once and cached as targets. From them a Hydra (body
+784-512-512, phase 1 with one head, `add_heads(M)`, phase 2) and a KD student
+(same body, one head) are distilled with `--seeds` seeds. The single model is
+an ensemble member (member `s` for seed `s`): one MLP trained on the labels.
+Everything is scored on the Fashion-MNIST test set and on out-of-distribution
+sets (MNIST 5k, plus `--extra-ood` files), and written to `OUT/results.json`,
+`OUT/table.md` and PNG plots.
+
+Variants (`--variant`, repeatable; the first is reported as `methods.hydra`)
+change only how the Hydra is distilled:
+
+- `plain`: the paper's Hydra, temperature 2, linear heads, training inputs.
+- `t4`: temperature 4.
+- `hidden`: heads with a 128-unit hidden layer.
+- `mixup`: the transfer set adds one mixup image per training image
+  (`lam * x_i + (1 - lam) * x_j`, `lam ~ U(0, 1)`); the teacher's targets
+  for those inputs are computed once, up front.
+- `noise`: the transfer set adds Gaussian-noised training images
+  (standard deviation 0.3, clipped to [0, 1]), targets cached likewise.
+- `mixup_hidden`: `mixup` and `hidden` together.
+- `reset`: phase 2 starts with a fresh Adam instead of the carried-over
+  state (`HydraModel.add_heads` keeps it), so the copied heads move apart
+  faster.
+- `mixup_reset`: `mixup` and `reset` together.
+
+Variants on a larger transfer set run proportionally fewer epochs, so every
+variant takes about the same number of optimizer steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import keras
+import numpy as np
+from scipy import stats
+
+from keras_hydra import heads, losses, metrics, teacher, uncertainty
+from keras_hydra.data import load_fashion_mnist, load_mnist_5k
+from keras_hydra.evaluation import ood_auroc
+from keras_hydra.model import HydraModel
+
+METHODS = ("ensemble", "hydra", "kd", "single")
+SCORES = ("accuracy", "nll", "ece", "brier")
+NUM_CLASSES = 10
+MNIST = "mnist"
+
+
+@dataclass
+class Variant:
+    """How a Hydra is distilled.
+
+    Args:
+        temperature: float, the `HydraKL` temperature of both phases.
+        head_hidden: tuple of ints, hidden layer sizes inside each head.
+        augment: `None`, `"mixup"` or `"noise"`: extra transfer inputs, one per
+            training image, whose teacher targets are cached once.
+        noise_stddev: float, standard deviation of the `"noise"` inputs.
+        reset_optimizer: bool, whether phase 2 starts with a fresh optimizer
+            (recompiling after `add_heads`) instead of the carried-over state.
+            Adam's first steps are then about `learning_rate` per weight,
+            which pushes the copied heads apart quickly.
+    """
+
+    temperature: float = 2.0
+    head_hidden: tuple = ()
+    augment: str | None = None
+    noise_stddev: float = 0.3
+    reset_optimizer: bool = False
+
+
+VARIANTS = {
+    "plain": Variant(),
+    "t4": Variant(temperature=4.0),
+    "hidden": Variant(head_hidden=(128,)),
+    "mixup": Variant(augment="mixup"),
+    "noise": Variant(augment="noise"),
+    "mixup_hidden": Variant(augment="mixup", head_hidden=(128,)),
+    "reset": Variant(reset_optimizer=True),
+    "mixup_reset": Variant(augment="mixup", reset_optimizer=True),
+}
+
+
+@dataclass
+class ClassificationConfig:
+    """Settings of the benchmark; the defaults are the reported full run."""
+
+    members: int = 10
+    seeds: int = 3
+    hidden: tuple = (512, 512)
+    member_epochs: int = 5
+    phase1_epochs: int = 3
+    phase2_epochs: int = 8
+    kd_epochs: int = 11
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    kd_temperature: float = 2.0
+    train_size: int | None = None
+    test_size: int | None = None
+    ood_size: int | None = None
+    variants: list = field(default_factory=lambda: ["plain"])
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> ClassificationConfig:
+        """A CI smoke run: small subsets, 3 members, 1 seed, few epochs."""
+        return cls(
+            members=3,
+            seeds=1,
+            member_epochs=2,
+            phase1_epochs=1,
+            phase2_epochs=2,
+            kd_epochs=3,
+            batch_size=256,
+            train_size=4000,
+            test_size=1000,
+            ood_size=1000,
+        )
+
+
+# Many small steps per compiled call: Keras' per-step overhead is large next
+# to an MLP step.
+_STEPS_PER_EXECUTION = 32
+
+
+def _flatten(images: np.ndarray) -> np.ndarray:
+    """uint8 `[N, 28, 28]` images as float32 `[N, 784]` in [0, 1]."""
+    return (images.reshape(len(images), -1) / 255.0).astype("float32")
+
+
+def load_extra_ood(spec: str) -> tuple[str, np.ndarray]:
+    """Parses `NAME=FILE.npz` and loads the file's `x` as flat float inputs.
+
+    Args:
+        spec: string `NAME=FILE.npz`; the file holds `x`, uint8 `[N, 28, 28]`.
+
+    Returns:
+        `(name, x)` with `x` float32 `[N, 784]` in [0, 1].
+
+    Raises:
+        ValueError: if `spec` is malformed or `x` has the wrong shape or dtype.
+    """
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--extra-ood must be NAME=FILE.npz. Received: {spec!r}")
+    with np.load(path) as data:
+        if "x" not in data:
+            raise ValueError(f"{path} has no array `x` (it has {list(data)}).")
+        x = data["x"]
+    if x.ndim != 3 or x.shape[1:] != (28, 28) or x.dtype != np.uint8 or not len(x):
+        raise ValueError(
+            f"{path}: `x` must be uint8 [N, 28, 28]; received {x.dtype} {x.shape}."
+        )
+    return name, _flatten(x)
+
+
+def load_data(config: ClassificationConfig, extra_ood: Sequence[str] = ()) -> dict:
+    """Fashion-MNIST train/test and the OOD sets, flat float32 in [0, 1]."""
+    rng = np.random.default_rng(config.seed)
+    (x_train, y_train), (x_test, y_test) = load_fashion_mnist()
+
+    def subset(x, y, size):
+        if size is None or size >= len(x):
+            return x, y
+        index = np.sort(rng.choice(len(x), size, replace=False))
+        return x[index], (None if y is None else y[index])
+
+    x_train, y_train = subset(x_train, y_train, config.train_size)
+    x_test, y_test = subset(x_test, y_test, config.test_size)
+    ood = {MNIST: subset(load_mnist_5k()[0], None, config.ood_size)[0]}
+    ood = {name: _flatten(x) for name, x in ood.items()}
+    for spec in extra_ood:
+        name, x = load_extra_ood(spec)
+        if name in ood:
+            raise ValueError(f"Duplicate out-of-distribution set name {name!r}.")
+        ood[name] = subset(x, None, config.ood_size)[0]
+    return {
+        "x_train": _flatten(x_train),
+        "y_train": y_train.astype("int32"),
+        "x_test": _flatten(x_test),
+        "y_test": y_test.astype("int32"),
+        "ood": ood,
+    }
+
+
+def _mlp(hidden: Sequence[int], name: str, outputs: int | None = None):
+    layers = [keras.layers.Dense(u, activation="relu") for u in hidden]
+    if outputs is not None:
+        layers.append(keras.layers.Dense(outputs))
+    return keras.Sequential(layers, name=name)
+
+
+def _steps(num_examples: int, batch_size: int) -> int:
+    return min(_STEPS_PER_EXECUTION, max(1, -(-num_examples // batch_size)))
+
+
+def train_ensemble(x, y, config: ClassificationConfig) -> list[keras.Model]:
+    """Trains `config.members` MLPs on labels, all in one model and one `fit`.
+
+    The members see the same batches (they differ by their initialization,
+    the main source of a deep ensemble's diversity), which lets Keras run
+    them as one graph with no per-member overhead.
+    """
+    keras.utils.set_random_seed(config.seed)
+    members = [
+        _mlp(config.hidden, f"member_{m}", NUM_CLASSES) for m in range(config.members)
+    ]
+    ensemble = teacher.Ensemble(members, name="ensemble")
+    ensemble.compile(
+        keras.optimizers.Adam(config.learning_rate),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=_steps(len(x), config.batch_size),
+    )
+    ensemble.fit(
+        x,
+        np.repeat(y[:, None], config.members, axis=1),
+        epochs=config.member_epochs,
+        batch_size=config.batch_size,
+        verbose=0,
+    )
+    return members
+
+
+def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int):
+    """One augmented input per row of `x`: `"mixup"` or `"noise"`."""
+    rng = np.random.default_rng(seed)
+    if kind == "mixup":
+        lam = rng.uniform(0.0, 1.0, (len(x), 1)).astype("float32")
+        return lam * x + (1 - lam) * x[rng.permutation(len(x))]
+    if kind == "noise":
+        noisy = x + rng.normal(0.0, variant.noise_stddev, x.shape).astype("float32")
+        return np.clip(noisy, 0.0, 1.0)
+    raise ValueError(f"Unknown augmentation {kind!r}; use 'mixup' or 'noise'.")
+
+
+def _student(config, head_hidden, name):
+    return HydraModel(
+        _mlp(config.hidden, "body"),
+        heads.Categorical(NUM_CLASSES, hidden_units=head_hidden),
+        name=name,
+    )
+
+
+def _fit(model, x, targets, epochs, config):
+    model.fit(
+        x, targets, epochs=epochs, batch_size=config.batch_size, shuffle=True, verbose=0
+    )
+
+
+def train_kd(x, targets, config: ClassificationConfig, seed: int) -> HydraModel:
+    """A single-head student distilled from the ensemble mean (Hinton KD)."""
+    keras.utils.set_random_seed(seed)
+    kd = _student(config, (), "kd")
+    kd.compile(
+        keras.optimizers.Adam(config.learning_rate),
+        losses.HydraKL(temperature=config.kd_temperature),
+        steps_per_execution=_steps(len(x), config.batch_size),
+    )
+    _fit(kd, x, targets, config.kd_epochs, config)
+    return kd
+
+
+def train_hydra(
+    x,
+    targets,
+    variant: Variant,
+    config: ClassificationConfig,
+    seed: int,
+    num_train: int | None = None,
+) -> HydraModel:
+    """Phase 1 (one head), `add_heads(M)`, phase 2, on cached targets.
+
+    On a transfer set larger than the `num_train` training images the epochs
+    shrink in proportion, to keep the number of optimizer steps.
+    """
+    keras.utils.set_random_seed(seed)
+    scale = len(x) / (num_train or len(x))
+    epochs1 = max(1, round(config.phase1_epochs / scale))
+    epochs2 = max(1, round(config.phase2_epochs / scale))
+    hydra = _student(config, variant.head_hidden, "hydra")
+
+    def compile_hydra():
+        hydra.compile(
+            keras.optimizers.Adam(config.learning_rate),
+            losses.HydraKL(temperature=variant.temperature),
+            steps_per_execution=_steps(len(x), config.batch_size),
+        )
+
+    compile_hydra()
+    _fit(hydra, x, targets, epochs1, config)
+    hydra.add_heads(targets.shape[1])
+    if variant.reset_optimizer:
+        compile_hydra()
+    _fit(hydra, x, targets, epochs2, config)
+    return hydra
+
+
+def _outputs(model, x) -> np.ndarray:
+    """Logits `[N, S, K]` of a `HydraModel` or an `Ensemble`."""
+    return np.asarray(model.predict(x, batch_size=2048, verbose=0), "float32")
+
+
+def score(outputs: np.ndarray, labels: np.ndarray) -> dict:
+    """Accuracy, NLL, ECE (15 bins) and Brier of the averaged prediction.
+
+    Args:
+        outputs: logits `[N, S, K]` of S heads or members.
+        labels: int array `[N]`.
+
+    Returns:
+        Dict of floats keyed by `SCORES`.
+    """
+    result = {}
+    for name, metric in [
+        ("accuracy", metrics.Accuracy()),
+        ("nll", metrics.NegativeLogLikelihood()),
+        ("ece", metrics.ExpectedCalibrationError(num_bins=15)),
+        ("brier", metrics.BrierScore()),
+    ]:
+        metric.update_state(labels, outputs)
+        result[name] = float(metric.result())
+    return result
+
+
+def _uncertainty(outputs: np.ndarray) -> dict:
+    u = uncertainty.categorical(outputs)
+    return {k: np.asarray(u[k]) for k in ("total_uncertainty", "epistemic_uncertainty")}
+
+
+def ood_scores(u_in: dict, u_ood: dict, several: bool) -> dict:
+    """AUROC of entropy (and of mutual information, with several heads).
+
+    Args:
+        u_in: `_uncertainty` of the in-distribution test set.
+        u_ood: name -> `_uncertainty` of each out-of-distribution set.
+        several: whether the method has several members or heads.
+
+    Returns:
+        `{ood_name: {"entropy": auroc, "mutual_information": auroc}}`.
+    """
+    result = {}
+    for name, u in u_ood.items():
+        entry = {
+            "entropy": ood_auroc(u_in["total_uncertainty"], u["total_uncertainty"])[
+                "auroc"
+            ]
+        }
+        if several:
+            entry["mutual_information"] = ood_auroc(
+                u_in["epistemic_uncertainty"], u["epistemic_uncertainty"]
+            )["auroc"]
+        result[name] = entry
+    return result
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def member_kl_matrix(teacher_outputs: np.ndarray, student_outputs: np.ndarray):
+    """Mean over examples of `KL(member m || head s)`, as `[S, M]`, at T = 1."""
+    log_p = teacher_outputs - _logsumexp(teacher_outputs)
+    log_q = student_outputs - _logsumexp(student_outputs)
+    p = np.exp(log_p)
+    self_term = np.sum(p * log_p, axis=-1).mean(axis=0)  # [M]
+    cross = np.einsum("nmk,nsk->sm", p, log_q) / len(p)  # [S, M]
+    return self_term[None, :] - cross
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    top = x.max(axis=-1, keepdims=True)
+    return top + np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
+
+
+def fidelity(ensemble: dict, hydra: dict) -> dict:
+    """How well the Hydra's heads keep the ensemble's members and diversity.
+
+    Args:
+        ensemble: `{"test": logits, "ood": {name: logits}}` of the members.
+        hydra: the same for the Hydra's heads.
+
+    Returns:
+        `mi_spearman` (test set), `own_member_fraction` (share of heads whose
+        KL to their own member is the smallest among all members),
+        `mean_kl_to_ensemble` (`keras_hydra.metrics.Fidelity`: KL from the
+        ensemble mean to the Hydra mean), and per OOD set
+        `mi_spearman_ood` and `mean_mi_ratio_ood` (Hydra's mean MI over the
+        ensemble's).
+    """
+    mi = {
+        "ens": _uncertainty(ensemble["test"])["epistemic_uncertainty"],
+        "hydra": _uncertainty(hydra["test"])["epistemic_uncertainty"],
+    }
+    kl = member_kl_matrix(ensemble["test"], hydra["test"])
+    own = np.argmin(kl, axis=1) == np.arange(kl.shape[0])
+    kl_metric = metrics.Fidelity()
+    kl_metric.update_state(ensemble["test"], hydra["test"])
+    result = {
+        "mi_spearman": _spearman(mi["hydra"], mi["ens"]),
+        "own_member_fraction": float(np.mean(own)),
+        "mean_kl_to_ensemble": float(kl_metric.result()),
+        "mi_spearman_ood": {},
+        "mean_mi_ratio_ood": {},
+    }
+    for name, ens_out in ensemble["ood"].items():
+        ens_mi = _uncertainty(ens_out)["epistemic_uncertainty"]
+        hydra_mi = _uncertainty(hydra["ood"][name])["epistemic_uncertainty"]
+        result["mi_spearman_ood"][name] = _spearman(hydra_mi, ens_mi)
+        result["mean_mi_ratio_ood"][name] = float(
+            hydra_mi.mean() / max(ens_mi.mean(), 1e-12)
+        )
+    return result
+
+
+def evaluate(outputs: dict, labels: np.ndarray, params: int) -> dict:
+    """Scores, parameter count and OOD AUROCs of one method's outputs.
+
+    Args:
+        outputs: `{"test": logits [N, S, K], "ood": {name: logits}}`.
+        labels: test labels `[N]`.
+        params: int, the method's parameter count.
+    """
+    several = outputs["test"].shape[1] > 1
+    u_in = _uncertainty(outputs["test"])
+    u_ood = {name: _uncertainty(o) for name, o in outputs["ood"].items()}
+    return {
+        **score(outputs["test"], labels),
+        "params": int(params),
+        "ood_auroc": ood_scores(u_in, u_ood, several),
+    }
+
+
+def mean_over_seeds(per_seed: list[dict]) -> dict:
+    """The mean of every numeric leaf, with the per-seed dicts beside them."""
+
+    def mean(trees):
+        first = trees[0]
+        if isinstance(first, dict):
+            return {k: mean([t[k] for t in trees]) for k in first}
+        values = np.array(trees, dtype="float64")
+        if isinstance(first, int) and np.all(values == first):
+            return first
+        return float(np.mean(values))
+
+    return {**mean(per_seed), "per_seed": per_seed}
+
+
+def goals(methods: dict, hydra: dict, hydra_fidelity: dict) -> dict:
+    """The issue's targets for a Hydra, each as `{value, target, met}`."""
+    ens, kd = methods["ensemble"], methods["kd"]
+
+    def check(value, target, higher=True):
+        met = bool(value >= target) if higher else bool(value <= target)
+        return {"value": float(value), "target": float(target), "met": met}
+
+    result = {
+        "accuracy": check(hydra["accuracy"], ens["accuracy"] - 0.005),
+        "nll": check(hydra["nll"], 1.05 * ens["nll"], higher=False),
+        "ece": check(hydra["ece"], ens["ece"] + 0.01, higher=False),
+        "mi_spearman": check(hydra_fidelity["mi_spearman"], 0.9),
+        "own_member_fraction": check(hydra_fidelity["own_member_fraction"], 0.9),
+    }
+    for name, ens_auroc in ens["ood_auroc"].items():
+        auroc = hydra["ood_auroc"][name]["mutual_information"]
+        kd_best = max(kd["ood_auroc"][name].values())
+        result[f"{name}/auroc_mi_vs_ensemble"] = check(
+            auroc, 0.98 * ens_auroc["mutual_information"]
+        )
+        result[f"{name}/auroc_mi_vs_kd"] = check(auroc, kd_best + 0.05)
+        result[f"{name}/mean_mi_ratio"] = check(
+            hydra_fidelity["mean_mi_ratio_ood"][name], 0.8
+        )
+        result[f"{name}/mi_spearman"] = check(
+            hydra_fidelity["mi_spearman_ood"][name], 0.85
+        )
+    return result
+
+
+def _reliability(outputs: np.ndarray, labels: np.ndarray, num_bins: int = 15):
+    """Per-bin (confidence, accuracy, count) of the averaged prediction."""
+    probs = np.asarray(uncertainty.categorical(outputs)["probabilities"])
+    confidence = probs.max(axis=-1)
+    correct = probs.argmax(axis=-1) == labels
+    bins = np.clip(np.ceil(confidence * num_bins) - 1, 0, num_bins - 1).astype(int)
+    count = np.bincount(bins, minlength=num_bins)
+    acc = np.bincount(bins, correct, num_bins) / np.maximum(count, 1)
+    conf = np.bincount(bins, confidence, num_bins) / np.maximum(count, 1)
+    return conf, acc, count
+
+
+def plot(out: str, outputs: dict, labels: np.ndarray, hydra_name: str) -> list[str]:
+    """Writes the PNG plots; returns their file names.
+
+    Args:
+        out: output folder.
+        outputs: method -> `{"test": logits, "ood": {name: logits}}`, for
+            `ensemble`, `hydra`, `kd` and `single` (first seed).
+        labels: test labels.
+        hydra_name: the Hydra variant shown, for titles.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    files = []
+    fig, axes = plt.subplots(1, len(outputs), figsize=(4 * len(outputs), 4))
+    edges = np.linspace(0, 1, 16)
+    for ax, (method, out_m) in zip(axes, outputs.items(), strict=True):
+        conf, acc, count = _reliability(out_m["test"], labels)
+        keep = count > 0
+        ax.bar(
+            edges[:-1][keep],
+            acc[keep],
+            width=1 / 15,
+            align="edge",
+            edgecolor="k",
+            alpha=0.7,
+            label="accuracy",
+        )
+        ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+        ax.plot(conf[keep], acc[keep], "ko", ms=3)
+        ax.set(
+            title=method,
+            xlabel="confidence",
+            ylabel="accuracy",
+            xlim=(0, 1),
+            ylim=(0, 1),
+        )
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"Reliability on the Fashion-MNIST test set (hydra: {hydra_name})")
+    fig.tight_layout()
+    files.append("reliability.png")
+    fig.savefig(os.path.join(out, files[-1]), dpi=100)
+    plt.close(fig)
+
+    ood_names = list(outputs["ensemble"]["ood"])
+    mi = {
+        method: {
+            "fashion_mnist (in)": _uncertainty(outputs[method]["test"])[
+                "epistemic_uncertainty"
+            ],
+            **{
+                name: _uncertainty(outputs[method]["ood"][name])[
+                    "epistemic_uncertainty"
+                ]
+                for name in ood_names
+            },
+        }
+        for method in ("ensemble", "hydra")
+    }
+    top = max(np.quantile(np.concatenate(list(v.values())), 0.995) for v in mi.values())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, method in zip(axes, ("ensemble", "hydra"), strict=True):
+        for name, values in mi[method].items():
+            ax.hist(
+                values,
+                bins=np.linspace(0, top, 50),
+                alpha=0.5,
+                density=True,
+                label=f"{name} (mean {values.mean():.3f})",
+            )
+        ax.set(
+            title=f"{method} mutual information",
+            xlabel="MI (nats)",
+            ylabel="density",
+            yscale="log",
+        )
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append("mi_histograms.png")
+    fig.savefig(os.path.join(out, files[-1]), dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name in mi["ensemble"]:
+        ax.scatter(mi["ensemble"][name], mi["hydra"][name], s=2, alpha=0.4, label=name)
+    ax.plot([0, top], [0, top], "k--", lw=1)
+    ax.set(
+        title=f"Per-example MI, hydra ({hydra_name}) vs ensemble",
+        xlabel="ensemble MI (nats)",
+        ylabel="hydra MI (nats)",
+    )
+    ax.legend(markerscale=4, fontsize=8)
+    fig.tight_layout()
+    files.append("mi_scatter.png")
+    fig.savefig(os.path.join(out, files[-1]), dpi=100)
+    plt.close(fig)
+    return files
+
+
+def table(results: dict) -> str:
+    """Markdown tables: methods, then every Hydra variant against the goals."""
+    ood_names = list(results["methods"]["ensemble"]["ood_auroc"])
+    head = "| method | params | accuracy | NLL | ECE | Brier |"
+    for name in ood_names:
+        head += f" AUROC {name} (entropy) | AUROC {name} (MI) |"
+    lines = [head, "|" + "---|" * (6 + 2 * len(ood_names))]
+
+    def row(label, m):
+        cells = [
+            f"{m['params']:,}",
+            f"{m['accuracy']:.4f}",
+            f"{m['nll']:.4f}",
+            f"{m['ece']:.4f}",
+            f"{m['brier']:.4f}",
+        ]
+        for name in ood_names:
+            a = m["ood_auroc"][name]
+            cells.append(f"{a['entropy']:.4f}")
+            mi = a.get("mutual_information")
+            cells.append("–" if mi is None else f"{mi:.4f}")
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    for method in METHODS:
+        lines.append(row(method, results["methods"][method]))
+    for name, v in results["variants"].items():
+        lines.append(row(f"hydra[{name}]", v["hydra"]))
+    lines += ["", "Hydra variants against the goals (means over seeds; ✓ met):", ""]
+    keys = list(next(iter(results["variants"].values()))["goals"])
+    lines.append("| goal | target | " + " | ".join(results["variants"]) + " |")
+    lines.append("|" + "---|" * (2 + len(results["variants"])))
+    first = next(iter(results["variants"].values()))["goals"]
+    for key in keys:
+        cells = [
+            f"{v['goals'][key]['value']:.4f} {'✓' if v['goals'][key]['met'] else '✗'}"
+            for v in results["variants"].values()
+        ]
+        lines.append(
+            f"| {key} | {first[key]['target']:.4f} | " + " | ".join(cells) + " |"
+        )
+    lines.append("")
+    lines.append(
+        "Fidelity: "
+        + "; ".join(
+            f"{name}: mean KL to ensemble {v['fidelity']['mean_kl_to_ensemble']:.4f}"
+            for name, v in results["variants"].items()
+        )
+    )
+    return "\n".join(lines) + "\n"
+
+
+def run(
+    out: str,
+    config: ClassificationConfig | None = None,
+    extra_ood: Sequence[str] = (),
+) -> dict:
+    """Runs the benchmark and writes `results.json`, `table.md` and plots.
+
+    Args:
+        out: output folder.
+        config: a `ClassificationConfig` (`ClassificationConfig.quick()` for CI).
+        extra_ood: `NAME=FILE.npz` specs of extra out-of-distribution sets.
+
+    Returns:
+        The results dict written to `out/results.json`.
+
+    Raises:
+        ValueError: on an unknown variant or a bad `--extra-ood` file.
+    """
+    config = config or ClassificationConfig()
+    unknown = [v for v in config.variants if v not in VARIANTS]
+    if unknown or not config.variants:
+        raise ValueError(
+            f"Unknown variant(s) {unknown or config.variants}; choose from "
+            f"{sorted(VARIANTS)}."
+        )
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    seconds = {}
+    load = {"start": list(os.getloadavg()), "cpus": os.cpu_count()}
+    data = load_data(config, extra_ood)
+    x, y, y_test = data["x_train"], data["y_train"], data["y_test"]
+
+    def outputs_of(model):
+        return {
+            "test": _outputs(model, data["x_test"]),
+            "ood": {name: _outputs(model, xo) for name, xo in data["ood"].items()},
+        }
+
+    tick = time.perf_counter()
+    members = train_ensemble(x, y, config)
+    ensemble = teacher.Ensemble(members, name="ensemble")
+    seconds["ensemble"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    ens_out = outputs_of(ensemble)
+    transfer = {None: (x, teacher.predict(members, x, batch_size=2048))}
+    seconds["teacher_targets"] = time.perf_counter() - tick
+    member_params = members[0].count_params()
+    print(f"ensemble: {seconds['ensemble']:.0f} s", flush=True)
+
+    methods = {"ensemble": evaluate(ens_out, y_test, member_params * len(members))}
+    single_out = [
+        {
+            "test": ens_out["test"][:, [s % config.members]],
+            "ood": {k: v[:, [s % config.members]] for k, v in ens_out["ood"].items()},
+        }
+        for s in range(config.seeds)
+    ]
+    methods["single"] = mean_over_seeds(
+        [evaluate(o, y_test, member_params) for o in single_out]
+    )
+    tick = time.perf_counter()
+    kd_runs, kd_first = [], None
+    for s in range(config.seeds):
+        kd = train_kd(*transfer[None], config, seed=config.seed + 1000 + s)
+        kd_out = outputs_of(kd)
+        kd_first = kd_first or kd_out
+        kd_runs.append(evaluate(kd_out, y_test, kd.count_params()))
+    methods["kd"] = mean_over_seeds(kd_runs)
+    seconds["kd"] = time.perf_counter() - tick
+    print(f"kd: {seconds['kd']:.0f} s", flush=True)
+
+    results = {
+        "config": asdict(config),
+        "methods": methods,
+        "fidelity": {},
+        "variants": {},
+        "seconds": seconds,
+        "load_average": load,
+    }
+    plot_outputs = None
+    for name in config.variants:
+        variant = VARIANTS[name]
+        tick = time.perf_counter()
+        if variant.augment not in transfer:
+            extra = augment_inputs(x, variant.augment, variant, config.seed + 7)
+            extra_targets = teacher.predict(members, extra, batch_size=2048)
+            transfer[variant.augment] = (
+                np.concatenate([x, extra]),
+                np.concatenate([transfer[None][1], extra_targets]),
+            )
+        x_t, targets = transfer[variant.augment]
+        runs, fids = [], []
+        for s in range(config.seeds):
+            hydra = train_hydra(
+                x_t, targets, variant, config, config.seed + 2000 + s, len(x)
+            )
+            hydra_out = outputs_of(hydra)
+            if s == 0 and plot_outputs is None:
+                plot_outputs = hydra_out
+            runs.append(evaluate(hydra_out, y_test, hydra.count_params()))
+            fids.append(fidelity(ens_out, hydra_out))
+        entry = {
+            "variant": {**asdict(variant), "head_hidden": list(variant.head_hidden)},
+            "hydra": mean_over_seeds(runs),
+            "fidelity": mean_over_seeds(fids),
+            "seconds": time.perf_counter() - tick,
+        }
+        entry["goals"] = goals(methods, entry["hydra"], entry["fidelity"])
+        results["variants"][name] = entry
+        if "hydra" not in methods:
+            methods["hydra"] = entry["hydra"]
+            results["fidelity"]["hydra"] = entry["fidelity"]
+        met = sum(g["met"] for g in entry["goals"].values())
+        print(
+            f"hydra[{name}]: {entry['seconds']:.0f} s, goals met {met}/"
+            f"{len(entry['goals'])}",
+            flush=True,
+        )
+        if "plots" not in results:  # the first variant's Hydra is plotted
+            results["plots"] = plot(
+                out,
+                {
+                    "ensemble": ens_out,
+                    "hydra": plot_outputs,
+                    "kd": kd_first,
+                    "single": single_out[0],
+                },
+                y_test,
+                config.variants[0],
+            )
+        # Written after every variant, so a long run leaves usable results.
+        _write(out, results, table_too=True)
+
+    seconds["total"] = time.perf_counter() - start
+    load["end"] = list(os.getloadavg())
+    _write(out, results, table_too=True)
+    return results
+
+
+def _write(out: str, results: dict, table_too: bool = False) -> None:
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=_jsonable)
+    if table_too:
+        with open(os.path.join(out, "table.md"), "w") as f:
+            f.write(table(results))
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Not JSON serializable: {type(value).__name__}")
+
+
+def add_arguments(parser) -> None:
+    """Registers the `keras-hydra benchmark classification` arguments."""
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--members", type=int, default=None, help="ensemble size")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="student seeds (default 3)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke run: data subsets, 3 members, 1 seed, few epochs",
+    )
+    parser.add_argument(
+        "--extra-ood",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npz",
+        help="extra OOD set: an .npz with `x`, uint8 [N, 28, 28] (repeatable)",
+    )
+    for name in ("member", "phase1", "phase2", "kd"):
+        parser.add_argument(
+            f"--{name}-epochs",
+            type=int,
+            default=None,
+            help=f"override the {name} epochs of the full or quick settings",
+        )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        choices=sorted(VARIANTS),
+        help="Hydra variant (repeatable; default plain; the first is `hydra`)",
+    )
+
+
+def main(args) -> None:
+    """Runs the benchmark from parsed command-line arguments."""
+    config = ClassificationConfig.quick() if args.quick else ClassificationConfig()
+    overrides = {
+        "members": args.members,
+        "seeds": args.seeds,
+        "variants": args.variant,
+        "member_epochs": args.member_epochs,
+        "phase1_epochs": args.phase1_epochs,
+        "phase2_epochs": args.phase2_epochs,
+        "kd_epochs": args.kd_epochs,
+    }
+    config = dataclasses.replace(
+        config, **{k: v for k, v in overrides.items() if v is not None}
+    )
+    results = run(args.out, config, args.extra_ood)
+    print(table(results))
+    print(f"total {results['seconds']['total']:.0f} s; written to {args.out}")

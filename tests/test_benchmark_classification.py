@@ -1,0 +1,173 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from keras_hydra import cli
+from keras_hydra.benchmarks import classification
+
+SCORES = ("accuracy", "nll", "ece", "brier", "params")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One `--quick` run through the CLI, with an extra OOD set and 2 variants."""
+    out = tmp_path_factory.mktemp("classification")
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (300, 28, 28), dtype=np.uint8)
+    np.savez(out / "noise.npz", x=noise)
+    cli.main(
+        [
+            "benchmark",
+            "classification",
+            "--out",
+            str(out),
+            "--quick",
+            "--extra-ood",
+            f"uniform={out / 'noise.npz'}",
+            "--variant",
+            "plain",
+            "--variant",
+            "mixup_reset",
+            "--kd-epochs",
+            "2",
+        ]
+    )
+    with open(out / "results.json") as f:
+        return out, json.load(f)
+
+
+def _in_unit(value):
+    return 0.0 <= value <= 1.0
+
+
+def test_quick_writes_every_method_key(quick_run):
+    _, results = quick_run
+    methods = results["methods"]
+    assert set(methods) == {"ensemble", "hydra", "kd", "single"}
+    for name, method in methods.items():
+        for key in SCORES:
+            assert key in method, (name, key)
+        assert _in_unit(method["accuracy"]) and method["accuracy"] > 0.5
+        assert _in_unit(method["ece"])
+        assert 0.0 <= method["brier"] <= 2.0
+        assert 0.0 < method["nll"] < 5.0
+        assert set(method["ood_auroc"]) == {"mnist", "uniform"}
+        several = name in ("ensemble", "hydra")
+        for scores in method["ood_auroc"].values():
+            expected = {"entropy", "mutual_information"} if several else {"entropy"}
+            assert set(scores) == expected
+            assert all(_in_unit(v) for v in scores.values())
+
+
+def test_quick_params_and_sizes(quick_run):
+    _, results = quick_run
+    methods = results["methods"]
+    member = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    assert methods["single"]["params"] == member
+    assert methods["ensemble"]["params"] == 3 * member
+    assert methods["kd"]["params"] == member
+    # Hydra: the same body plus 3 linear heads.
+    assert methods["hydra"]["params"] == member + 2 * (512 * 10 + 10)
+    assert results["config"]["members"] == 3
+    assert results["config"]["seeds"] == 1
+    assert results["config"]["kd_epochs"] == 2  # the CLI override
+
+
+def test_quick_fidelity_keys_and_ranges(quick_run):
+    _, results = quick_run
+    fid = results["fidelity"]["hydra"]
+    assert -1.0 <= fid["mi_spearman"] <= 1.0
+    fraction = fid["own_member_fraction"]  # a share of 3 heads
+    assert _in_unit(fraction) and math.isclose(fraction * 3, round(fraction * 3))
+    assert fid["mean_kl_to_ensemble"] >= 0.0
+    for name in ("mnist", "uniform"):
+        assert -1.0 <= fid["mi_spearman_ood"][name] <= 1.0
+        assert fid["mean_mi_ratio_ood"][name] >= 0.0
+
+
+def test_quick_seeds_and_variants(quick_run):
+    _, results = quick_run
+    hydra = results["methods"]["hydra"]
+    assert len(hydra["per_seed"]) == 1
+    assert hydra["accuracy"] == hydra["per_seed"][0]["accuracy"]
+    assert list(results["variants"]) == ["plain", "mixup_reset"]
+    # The first variant is the reported Hydra.
+    assert results["variants"]["plain"]["hydra"]["nll"] == hydra["nll"]
+    mixup = results["variants"]["mixup_reset"]
+    assert mixup["variant"]["augment"] == "mixup"
+    assert mixup["variant"]["reset_optimizer"] is True
+    goals = mixup["goals"]
+    assert {"accuracy", "nll", "ece", "mi_spearman", "own_member_fraction"} <= set(
+        goals
+    )
+    assert "uniform/auroc_mi_vs_ensemble" in goals
+    for goal in goals.values():
+        assert isinstance(goal["met"], bool)
+
+
+def test_quick_writes_table_and_plots(quick_run):
+    out, results = quick_run
+    table = (out / "table.md").read_text()
+    assert "| hydra[mixup_reset] |" in table and "AUROC uniform (MI)" in table
+    assert results["plots"] == [
+        "reliability.png",
+        "mi_histograms.png",
+        "mi_scatter.png",
+    ]
+    for name in results["plots"]:
+        with open(out / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(out / name) > 5000
+    assert results["seconds"]["total"] > 0
+    assert len(results["load_average"]["start"]) == 3
+
+
+def test_mean_over_seeds():
+    runs = [{"a": 1.0, "n": 5, "d": {"b": 2.0}}, {"a": 3.0, "n": 5, "d": {"b": 4.0}}]
+    mean = classification.mean_over_seeds(runs)
+    assert mean["a"] == 2.0 and mean["d"] == {"b": 3.0} and mean["n"] == 5
+    assert mean["per_seed"] == runs
+
+
+def test_member_kl_matrix_finds_own_members():
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(0, 3, (50, 4, 5)).astype("float32")
+    kl = classification.member_kl_matrix(teacher, teacher)
+    np.testing.assert_allclose(np.diag(kl), 0.0, atol=1e-5)
+    assert np.all(np.argmin(kl, axis=1) == np.arange(4))
+    # Against a direct computation for one pair.
+    p = np.exp(teacher[:, 1]) / np.exp(teacher[:, 1]).sum(-1, keepdims=True)
+    q = np.exp(teacher[:, 2]) / np.exp(teacher[:, 2]).sum(-1, keepdims=True)
+    expected = np.mean(np.sum(p * np.log(p / q), axis=-1))
+    np.testing.assert_allclose(kl[2, 1], expected, rtol=1e-4)
+
+
+def test_augment_inputs_stay_in_range():
+    x = np.random.default_rng(0).uniform(0, 1, (20, 784)).astype("float32")
+    variant = classification.Variant()
+    for kind in ("mixup", "noise"):
+        augmented = classification.augment_inputs(x, kind, variant, seed=0)
+        assert augmented.shape == x.shape and augmented.dtype == np.float32
+        assert augmented.min() >= 0.0 and augmented.max() <= 1.0
+        assert not np.allclose(augmented, x)
+
+
+def test_extra_ood_rejects_bad_files(tmp_path):
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 28, 27), np.uint8))
+    with pytest.raises(ValueError, match=r"uint8 \[N, 28, 28\]"):
+        classification.load_extra_ood(f"bad={tmp_path / 'bad.npz'}")
+    with pytest.raises(ValueError, match="NAME=FILE.npz"):
+        classification.load_extra_ood(str(tmp_path / "bad.npz"))
+    np.savez(tmp_path / "good.npz", x=np.full((2, 28, 28), 255, np.uint8))
+    name, x = classification.load_extra_ood(f"good={tmp_path / 'good.npz'}")
+    assert name == "good" and x.shape == (2, 784) and x.max() == 1.0
+
+
+def test_unknown_variant_is_rejected(tmp_path):
+    config = classification.ClassificationConfig.quick()
+    config.variants = ["nope"]
+    with pytest.raises(ValueError, match="Unknown variant"):
+        classification.run(str(tmp_path), config)
