@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import io
+import json
+import os
+import zipfile
 from collections.abc import Sequence
 
+import h5py
 import keras
 import numpy as np
 import tensorflow as tf
@@ -125,6 +130,13 @@ class HydraModel(keras.Model):
                 self._validate_data(*validation_data[:2])
             else:
                 self._validate_data(validation_data, None)
+        for callback in bound.arguments.get("callbacks") or ():
+            if isinstance(callback, keras.callbacks.BackupAndRestore):
+                _check_backup(callback)
+        # Keras never resets `_initial_epoch`, which `BackupAndRestore` sets
+        # when it restores: without this, a later `fit` in the same process
+        # (e.g. phase 2 after a restored phase 1) would silently skip epochs.
+        self._initial_epoch = None
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
@@ -208,12 +220,121 @@ class HydraModel(keras.Model):
             self.heads = heads
             self._lock_state()
             self.num_heads = int(num_heads)
-            if self.optimizer is not None and self.optimizer.built:
+            # An uncompiled model has no `optimizer` attribute at all.
+            optimizer = getattr(self, "optimizer", None)
+            if optimizer is not None and optimizer.built:
                 self.optimizer = _rebuilt_optimizer(
                     self.optimizer, self.trainable_variables
                 )
         # The compiled step functions were traced for the old heads.
         self.train_function = self.test_function = self.predict_function = None
+
+    def load_weights(self, filepath, skip_mismatch: bool = False, **kwargs) -> None:
+        """Loads weights, expanding a single head first if the file has M heads.
+
+        Same as `keras.Model.load_weights`, plus what resuming a Hydra needs:
+        when the file was saved after `add_heads(M)` and this model still has
+        one head, it calls `add_heads(M)` first, so a restarted script that
+        builds the phase-1 model again restores the phase-2 state. This is
+        what `keras.callbacks.BackupAndRestore` calls at the start of `fit`
+        (on `BACKUP_DIR/latest.weights.h5`); the compiled train step is then
+        re-made for the new heads. The optimizer's state is part of such a
+        file and is restored too.
+
+        With `BackupAndRestore`, training resumes at the start of the epoch
+        after the last backup (Keras restores at epoch granularity). With
+        `shuffle=False` and a fixed seed the resumed run ends with the same
+        weights as an uninterrupted one. With shuffling it does not: the
+        order of each shuffled epoch comes from an RNG whose state is not in
+        the backup, so the re-run epochs see other batches (a valid run, but
+        not the same one).
+
+        To make both phases resumable, either run them in one `fit` with
+        `keras_hydra.callbacks.AddHeads` and one backup directory, or give
+        `fit`, `add_heads`, `fit` a backup directory per `fit` and keep phase
+        1's (`BackupAndRestore(dir1, delete_checkpoint=False)`, deleted by
+        the script once phase 2 is done): after a kill in phase 2, the
+        restarted phase 1 restores its final state and runs no epoch, then
+        `add_heads` and phase 2 resumes from its own directory. One directory
+        shared by both `fit` calls does not work (phase 2 would restore the
+        single-head state of phase 1's end into the expanded model).
+        `HydraModel.fit` checks each `BackupAndRestore` directory first and
+        raises `ValueError` if it holds the weights but not the epoch or the
+        reverse (e.g. a process killed between the two writes), and it
+        forgets the epoch a previous restore set, which Keras keeps.
+
+        Stricter than Keras, so that a wrong file never loads silently: a
+        file whose weights were not saved from a `HydraModel`, or with a
+        different head count that cannot be reached by expanding one head,
+        raises `ValueError`; a file whose optimizer state does not match this
+        (built) optimizer raises `ValueError` where Keras only warns.
+
+        Args:
+            filepath: path of a `.weights.h5` (or `.keras`) file, as for
+                `keras.Model.load_weights`.
+            skip_mismatch: bool, as for `keras.Model.load_weights`.
+            **kwargs: other `keras.Model.load_weights` arguments.
+
+        Raises:
+            OSError: if the file cannot be read as HDF5 (corrupt or
+                truncated). `BackupAndRestore(double_checkpoint=True)` then
+                falls back to its previous backup.
+            ValueError: if the file does not hold this model's weights.
+
+        Example:
+
+        >>> import tempfile, keras_hydra as kh
+        >>> def make():
+        ...     model = kh.HydraModel(keras.layers.Dense(8), kh.heads.Categorical(3))
+        ...     model.build((None, 5))
+        ...     return model
+        >>> trained = make()
+        >>> trained.add_heads(4)
+        >>> path = tempfile.mkdtemp() + "/hydra.weights.h5"
+        >>> trained.save_weights(path)
+        >>> restored = make()  # one head, as a restarted script builds it
+        >>> restored.load_weights(path)
+        >>> restored.num_heads
+        4
+        """
+        saved = _saved_layout(filepath)
+        if saved is not None:
+            self._prepare_load(os.fspath(filepath), *saved)
+        super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+
+    def _prepare_load(self, filepath: str, num_heads, num_optimizer_vars) -> None:
+        """Checks a weights file's layout and expands the head to match it."""
+        if num_heads is None:
+            raise ValueError(
+                f"The weights file {filepath} was not saved from a HydraModel: it "
+                "has no `heads` weights. Is this the right checkpoint or backup "
+                "directory?"
+            )
+        if num_heads != self.num_heads:
+            if self.num_heads != 1 or not self.built:
+                raise ValueError(
+                    f"The weights file {filepath} holds {num_heads} heads but this "
+                    f"model has {self.num_heads}"
+                    + ("" if self.built else " and is not built")
+                    + ": only a built single-head model can be expanded to match."
+                )
+            had_train_function = self.train_function is not None
+            self.add_heads(num_heads)
+            if had_train_function:  # called inside `fit` (BackupAndRestore)
+                self.make_train_function(force=True)
+        optimizer = getattr(self, "optimizer", None)
+        if (
+            num_optimizer_vars is not None
+            and optimizer is not None
+            and optimizer.built
+            and num_optimizer_vars != len(optimizer.variables)
+        ):
+            raise ValueError(
+                f"The weights file {filepath} holds {num_optimizer_vars} optimizer "
+                f"variables but optimizer {optimizer.name!r} has "
+                f"{len(optimizer.variables)}: it was saved with another "
+                "optimizer or model."
+            )
 
     def predict_uncertainty(self, x, batch_size: int | None = None, verbose=0) -> dict:
         """Predicts and splits the uncertainty, as numpy arrays.
@@ -266,6 +387,82 @@ class HydraModel(keras.Model):
         config["body"] = keras.saving.deserialize_keras_object(config["body"])
         config["head"] = keras.saving.deserialize_keras_object(config["head"])
         return cls(**config)
+
+
+def _check_backup(callback: keras.callbacks.BackupAndRestore) -> None:
+    """Raises if a backup directory would restore a wrong training state.
+
+    Keras restores the weights and the epoch from two files, written one
+    after the other, and reads whichever exists: weights without the epoch
+    would re-run every epoch from trained weights, an epoch without weights
+    would skip epochs from the initial ones. Both files present, or neither,
+    is a consistent state.
+    """
+    weights = os.path.exists(callback._weights_path)
+    metadata = os.path.exists(callback._training_metadata_path)
+    if weights == metadata:
+        if metadata:
+            with open(callback._training_metadata_path) as f:
+                text = f.read()
+            try:
+                epoch = json.loads(text)["epoch"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"The backup directory {callback.backup_dir} has an unreadable "
+                    f"training_metadata.json ({text[:80]!r}). Delete the directory "
+                    "to train from the start."
+                ) from error
+            if not isinstance(epoch, int) or epoch < 0:
+                raise ValueError(
+                    f"The backup directory {callback.backup_dir} records epoch "
+                    f"{epoch!r}, not an epoch count."
+                )
+        return
+    present, missing = (
+        ("weights", "training_metadata.json")
+        if weights
+        else ("training_metadata.json", "latest.weights.h5")
+    )
+    raise ValueError(
+        f"The backup directory {callback.backup_dir} has {present} but no "
+        f"{missing} (the process may have died while writing the backup): "
+        "resuming from it would train the wrong epochs. Delete the directory to "
+        "train from the start."
+    )
+
+
+def _saved_layout(filepath) -> tuple[int | None, int | None] | None:
+    """`(num_heads, num_optimizer_variables)` of a Keras weights file.
+
+    Either is `None` when the file has no such weights. Returns `None` for
+    files this does not inspect (sharded `.weights.json`), left to Keras.
+    Raises `OSError` naming the file if it is not a readable HDF5 file.
+    """
+    path = os.fspath(filepath)
+    try:
+        if path.endswith(".weights.h5"):
+            with h5py.File(path, "r") as f:
+                return _layout_of(f)
+        if path.endswith(".keras"):
+            with zipfile.ZipFile(path) as archive:
+                data = io.BytesIO(archive.read("model.weights.h5"))
+            with h5py.File(data, "r") as f:
+                return _layout_of(f)
+    except (OSError, zipfile.BadZipFile, KeyError) as error:
+        raise OSError(
+            f"Cannot read the weights file {path}: it is corrupt, truncated or "
+            f"not a Keras weights file ({type(error).__name__}: {error})."
+        ) from error
+    return None
+
+
+def _layout_of(f: h5py.File) -> tuple[int | None, int | None]:
+    kernel = f.get("heads/vars/0")
+    optimizer = f.get("optimizer/vars")
+    return (
+        int(kernel.shape[0]) if isinstance(kernel, h5py.Dataset) else None,
+        len(optimizer) if isinstance(optimizer, h5py.Group) else None,
+    )
 
 
 def _rebuilt_optimizer(optimizer, variables):

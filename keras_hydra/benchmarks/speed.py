@@ -1,0 +1,475 @@
+"""Speed benchmark: a Hydra vs an ensemble of M models, heads batched vs looped.
+
+For each head count M, on a Fashion-MNIST-sized MLP (784-512-512 body, 10
+classes) fed synthetic inputs, in one process:
+
+- inference throughput (examples/s) of a Hydra with M heads and of an
+  ensemble of M separate models with the same body and head
+  (`keras_hydra.teacher.Ensemble`, all members in one compiled call), and the
+  theoretical FLOP ratio `M (body + head) / (body + M head)`;
+- the train-step time of the Hydra (M heads, `HydraKL` on cached targets)
+  and of a single model (the same with one head);
+- forward + backward time of the heads alone, body excluded: `HydraHeads`
+  against a Python loop of M Dense heads (traced into one graph), for linear
+  heads and for heads with one 128-unit hidden layer;
+- parameter counts;
+- peak TensorFlow memory of one distillation epoch (M heads, targets
+  `[N, M, 10]`) and of a single-model epoch (targets `[N, 1, 10]`).
+
+Timings are medians over repeats after warm-up, of `tf.function`-compiled
+calls (the train step is Keras's own compiled `train_function`). Memory is
+the growth of the peak resident set size (`VmHWM`) of a fresh process per
+measurement, from just after TensorFlow starts to the end of one `fit`
+epoch. tracemalloc sees none of TensorFlow's memory, and
+`tf.config.experimental.get_memory_info("CPU:0")` reports 0 during `fit` on
+this CPU build (it only counts some allocations), so neither is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_hydra import heads, losses
+from keras_hydra.layers import HydraHeads
+from keras_hydra.model import HydraModel
+from keras_hydra.teacher import Ensemble
+
+KEYS = (
+    "hydra_throughput",
+    "ensemble_throughput",
+    "flop_ratio",
+    "hydra_step_s",
+    "single_step_s",
+    "loop_heads_step_s",
+    "vectorized_heads_step_s",
+    "loop_heads_hidden_step_s",
+    "vectorized_heads_hidden_step_s",
+    "hydra_params",
+    "ensemble_params",
+    "hydra_peak_mb",
+    "single_peak_mb",
+)
+RATIOS = (
+    "inference_speedup",
+    "speedup_over_flop_ratio",
+    "step_ratio",
+    "heads_speedup",
+    "heads_hidden_speedup",
+    "memory_ratio",
+)
+
+
+@dataclass
+class SpeedConfig:
+    """Sizes of the benchmark; the defaults are the reported ones.
+
+    Example:
+
+    >>> SpeedConfig.quick().num_heads
+    (1, 5)
+    """
+
+    num_heads: Sequence[int] = (1, 5, 10, 50)
+    input_dim: int = 784
+    body: Sequence[int] = (512, 512)
+    num_classes: int = 10
+    head_hidden: int = 128
+    inference_batch: int = 1024
+    train_batch: int = 256
+    memory_examples: int = 8192
+    memory_repeats: int = 3
+    warmup: int = 3
+    repeats: int = 7
+    calls_per_repeat: int = 5
+    jit_compile: bool = False
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> SpeedConfig:
+        """Tiny sizes and M in {1, 5}: a seconds-long smoke run."""
+        return cls(
+            num_heads=(1, 5),
+            input_dim=32,
+            body=(64, 64),
+            head_hidden=16,
+            inference_batch=128,
+            train_batch=64,
+            memory_examples=512,
+            memory_repeats=1,
+            warmup=1,
+            repeats=3,
+            calls_per_repeat=2,
+        )
+
+
+def median_time(
+    function: Callable[[], object], warmup: int, repeats: int, calls: int
+) -> float:
+    """Median over `repeats` of the mean seconds of `calls` calls of `function`.
+
+    Each call's result is fetched to numpy so that asynchronous work is
+    counted.
+
+    Example:
+
+    >>> median_time(lambda: None, warmup=1, repeats=3, calls=2) >= 0.0
+    True
+    """
+    for _ in range(warmup):
+        _fetch(function())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            _fetch(function())
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def _fetch(result) -> None:
+    for value in tf.nest.flatten(result):
+        if hasattr(value, "numpy"):
+            value.numpy()
+
+
+def flop_ratio(config: SpeedConfig, num_heads: int, hidden: bool = False) -> float:
+    """`M (body + head) / (body + M head)`, in multiply-adds of one example.
+
+    Example:
+
+    >>> round(flop_ratio(SpeedConfig(), 10), 2)
+    9.36
+    """
+    sizes = [config.input_dim, *config.body]
+    body = sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    features = sizes[-1]
+    if hidden:
+        head = features * config.head_hidden + config.head_hidden * config.num_classes
+    else:
+        head = features * config.num_classes
+    return num_heads * (body + head) / (body + num_heads * head)
+
+
+def _body(config: SpeedConfig, name: str = "body") -> keras.Sequential:
+    return keras.Sequential(
+        [keras.layers.Dense(u, activation="relu") for u in config.body], name=name
+    )
+
+
+def _hydra(config: SpeedConfig, num_heads: int) -> HydraModel:
+    model = HydraModel(
+        _body(config), heads.Categorical(config.num_classes), num_heads=num_heads
+    )
+    model.compile(
+        optimizer="adam",
+        loss=losses.HydraKL(temperature=2.0),
+        jit_compile=config.jit_compile,
+    )
+    model.build((None, config.input_dim))
+    return model
+
+
+def _ensemble(config: SpeedConfig, num_members: int) -> Ensemble:
+    members = [
+        keras.Sequential(
+            [*_body(config, f"body{m}").layers, keras.layers.Dense(config.num_classes)],
+            name=f"member{m}",
+        )
+        for m in range(num_members)
+    ]
+    ensemble = Ensemble(members)
+    ensemble(np.zeros((1, config.input_dim), "float32"))  # build every member
+    return ensemble
+
+
+def _forward(model, config: SpeedConfig) -> Callable:
+    function = tf.function(
+        lambda x: model(x, training=False), jit_compile=config.jit_compile
+    )
+    return function
+
+
+def inference(config: SpeedConfig, num_heads: int, rng) -> dict:
+    """Throughputs and parameter counts of a Hydra and an ensemble."""
+    x = tf.constant(
+        rng.normal(size=(config.inference_batch, config.input_dim)), "float32"
+    )
+    hydra = _hydra(config, num_heads)
+    ensemble = _ensemble(config, num_heads)
+    timing = (config.warmup, config.repeats, config.calls_per_repeat)
+    results = {}
+    for name, model in [("hydra", hydra), ("ensemble", ensemble)]:
+        forward = _forward(model, config)
+        seconds = median_time(lambda f=forward: f(x), *timing)
+        results[f"{name}_throughput"] = config.inference_batch / seconds
+        results[f"{name}_params"] = int(model.count_params())
+    return results
+
+
+def _train_function(model: HydraModel, x, targets) -> Callable:
+    """Keras's compiled train step, fed the same batch from a repeated dataset."""
+    iterator = iter(tf.data.Dataset.from_tensors((x, targets)).repeat())
+    model.make_train_function()
+    train_function = model.train_function
+    return lambda: train_function(iterator)
+
+
+def train_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
+    """Seconds per train step of the Hydra and of a single-head model."""
+    x = rng.normal(size=(config.train_batch, config.input_dim)).astype("float32")
+    targets = rng.normal(size=(config.train_batch, num_heads, config.num_classes))
+    targets = targets.astype("float32")
+    timing = (config.warmup, config.repeats, config.calls_per_repeat)
+    results = {}
+    for name, heads_count, y in [
+        ("hydra", num_heads, targets),
+        ("single", 1, targets[:, :1]),
+    ]:
+        model = _hydra(config, heads_count)
+        results[f"{name}_step_s"] = median_time(_train_function(model, x, y), *timing)
+    return results
+
+
+class _LoopHeads(keras.layers.Layer):
+    """M separate Dense heads (optionally with a hidden layer), in a loop."""
+
+    def __init__(self, num_heads: int, units: int, hidden: int | None, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = []
+        for _ in range(num_heads):
+            layers = [keras.layers.Dense(hidden, activation="relu")] if hidden else []
+            self.heads.append(keras.Sequential([*layers, keras.layers.Dense(units)]))
+
+    def call(self, features):
+        return keras.ops.stack([head(features) for head in self.heads], axis=1)
+
+
+def heads_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
+    """Forward + backward seconds of the heads alone, batched vs looped."""
+    features = tf.constant(
+        rng.normal(size=(config.train_batch, config.body[-1])), "float32"
+    )
+    timing = (config.warmup, config.repeats, config.calls_per_repeat)
+    results = {}
+    for suffix, hidden in [("", None), ("_hidden", config.head_hidden)]:
+        layers = {
+            "loop": _LoopHeads(num_heads, config.num_classes, hidden, name="loop"),
+            "vectorized": HydraHeads(
+                num_heads, config.num_classes, hidden_units=(hidden,) if hidden else ()
+            ),
+        }
+        for name, layer in layers.items():
+            layer(features)  # build
+
+            def step(layer=layer):
+                with tf.GradientTape() as tape:
+                    loss = tf.reduce_mean(tf.square(layer(features)))
+                return tape.gradient(loss, layer.trainable_variables)
+
+            step = tf.function(step, jit_compile=config.jit_compile)
+            results[f"{name}_heads{suffix}_step_s"] = median_time(step, *timing)
+    return results
+
+
+def peak_memory_mb(config: SpeedConfig, num_heads: int) -> float:
+    """Peak memory (MiB) of one training epoch with `num_heads` heads.
+
+    Measured in a fresh Python process: the growth of its peak resident set
+    size (`VmHWM`) from just after TensorFlow starts to the end of the
+    epoch. That covers the inputs and the targets `[N, num_heads, K]` (with
+    one head, a single model trained on the ensemble's mean; with M heads,
+    the Hydra's distillation), the model, the optimizer, tracing and the
+    epoch's activations and gradients. RSS varies between identical runs
+    (allocator arenas, thread pools: 147 to 176 MiB here for the same M = 50
+    run, once 455), so this is the median of `config.memory_repeats` runs.
+    """
+    code = (
+        "import json, sys; from keras_hydra.benchmarks import speed; "
+        "print(json.dumps(speed._memory_child(sys.argv[1], int(sys.argv[2]))))"
+    )
+    config_json = json.dumps(asdict(config))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    peaks = []
+    for _ in range(config.memory_repeats):
+        result = subprocess.run(
+            [sys.executable, "-c", code, config_json, str(num_heads)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"The memory measurement failed:\n{result.stderr[-2000:]}"
+            )
+        peaks.append(json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"])
+    return statistics.median(peaks)
+
+
+def _rss_mb(field: str) -> float:
+    """`VmRSS` (current) or `VmHWM` (peak) of this process, in MiB.
+
+    Not `ru_maxrss`: Linux carries it over `fork` + `exec`, so a child of a
+    large process reports its parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"No {field} in /proc/self/status.")
+
+
+def _memory_child(config_json: str, num_heads: int) -> dict:
+    """The measurement of `peak_memory_mb`, run inside the fresh process."""
+    tf.constant(0.0).numpy()  # start the runtime before the baseline
+    baseline = _rss_mb("VmRSS")
+    config = SpeedConfig(**json.loads(config_json))
+    rng = np.random.default_rng(config.seed)
+    n = config.memory_examples
+    x = rng.normal(size=(n, config.input_dim)).astype("float32")
+    targets = rng.normal(size=(n, num_heads, config.num_classes)).astype("float32")
+    model = _hydra(config, num_heads)
+    model.fit(x, targets, batch_size=config.train_batch, epochs=1, verbose=0)
+    return {"peak_mb": _rss_mb("VmHWM") - baseline, "baseline_mb": baseline}
+
+
+def run(config: SpeedConfig, out: str | None = None) -> dict:
+    """Runs every measurement; writes `out/results.json` when `out` is given.
+
+    Returns:
+        `{"config": ..., "load_average": ..., "per_m": {M: {key: value}}}`,
+        the keys of `KEYS` and `RATIOS` for each M.
+    """
+    load_before = list(os.getloadavg())
+    keras.utils.set_random_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    single_peak = peak_memory_mb(config, 1)
+    per_m = {}
+    for num_heads in config.num_heads:
+        row = {"flop_ratio": flop_ratio(config, num_heads)}
+        row.update(inference(config, num_heads, rng))
+        row.update(train_steps(config, num_heads, rng))
+        row.update(heads_steps(config, num_heads, rng))
+        row["hydra_peak_mb"] = peak_memory_mb(config, num_heads)
+        row["single_peak_mb"] = single_peak
+        row.update(ratios(row))
+        per_m[str(num_heads)] = row
+        keras.backend.clear_session()
+    results = {
+        "config": asdict(config),
+        "load_average_before": load_before,
+        "load_average": list(os.getloadavg()),
+        "cpu_count": os.cpu_count(),
+        "per_m": per_m,
+    }
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def ratios(row: dict) -> dict:
+    """The derived ratios of one row of measurements.
+
+    Example:
+
+    >>> row = dict(hydra_throughput=90.0, ensemble_throughput=10.0,
+    ...            flop_ratio=10.0, hydra_step_s=1.1, single_step_s=1.0,
+    ...            loop_heads_step_s=4.0, vectorized_heads_step_s=1.0,
+    ...            loop_heads_hidden_step_s=3.0, vectorized_heads_hidden_step_s=1.0,
+    ...            hydra_peak_mb=3.0, single_peak_mb=2.0)
+    >>> {k: round(v, 2) for k, v in ratios(row).items()}
+    {'inference_speedup': 9.0, 'speedup_over_flop_ratio': 0.9, 'step_ratio': 1.1,
+     'heads_speedup': 4.0, 'heads_hidden_speedup': 3.0, 'memory_ratio': 1.5}
+    """
+    speedup = row["hydra_throughput"] / row["ensemble_throughput"]
+    return {
+        "inference_speedup": speedup,
+        "speedup_over_flop_ratio": speedup / row["flop_ratio"],
+        "step_ratio": row["hydra_step_s"] / row["single_step_s"],
+        "heads_speedup": row["loop_heads_step_s"] / row["vectorized_heads_step_s"],
+        "heads_hidden_speedup": row["loop_heads_hidden_step_s"]
+        / row["vectorized_heads_hidden_step_s"],
+        "memory_ratio": row["hydra_peak_mb"] / row["single_peak_mb"],
+    }
+
+
+def table(results: dict) -> str:
+    """A markdown table of `run`'s results, one row per head count."""
+    columns = [
+        ("M", None),
+        ("Hydra ex/s", "hydra_throughput"),
+        ("ensemble ex/s", "ensemble_throughput"),
+        ("speed-up", "inference_speedup"),
+        ("FLOP ratio", "flop_ratio"),
+        ("speed-up / FLOP", "speedup_over_flop_ratio"),
+        ("Hydra step ms", "hydra_step_s"),
+        ("single step ms", "single_step_s"),
+        ("step ratio", "step_ratio"),
+        ("heads loop/vec", "heads_speedup"),
+        ("hidden heads loop/vec", "heads_hidden_speedup"),
+        ("Hydra params", "hydra_params"),
+        ("ensemble params", "ensemble_params"),
+        ("Hydra MiB", "hydra_peak_mb"),
+        ("single MiB", "single_peak_mb"),
+        ("memory ratio", "memory_ratio"),
+    ]
+    lines = [
+        "| " + " | ".join(name for name, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for m, row in results["per_m"].items():
+        cells = [m]
+        for _, key in columns[1:]:
+            value = row[key]
+            if key.endswith("_step_s"):
+                cells.append(f"{value * 1e3:.2f}")
+            elif key.endswith("_params"):
+                cells.append(f"{value:,}")
+            elif key.endswith("_throughput"):
+                cells.append(f"{value:,.0f}")
+            else:
+                cells.append(f"{value:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the benchmark's command-line arguments to `parser`."""
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, M in {1, 5}")
+    parser.add_argument(
+        "--num-heads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="head counts M (default 1 5 10 50)",
+    )
+    parser.add_argument(
+        "--jit-compile", action="store_true", help="compile every timed call with XLA"
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    """Runs the benchmark from parsed command-line arguments."""
+    config = SpeedConfig.quick() if args.quick else SpeedConfig()
+    if args.num_heads:
+        config.num_heads = tuple(args.num_heads)
+    config.jit_compile = bool(args.jit_compile)
+    results = run(config, args.out)
+    load = ", ".join(f"{v:.2f}" for v in results["load_average"])
+    print(f"Load average at the end: {load} on {results['cpu_count']} CPUs.")
+    print(table(results))

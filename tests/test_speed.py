@@ -1,0 +1,70 @@
+"""The speed benchmark's quick run: every result present, no timed assertions."""
+
+import json
+import math
+
+import pytest
+
+from keras_hydra import cli
+from keras_hydra.benchmarks import speed
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    cli.main(["benchmark", "speed", "--quick", "--out", str(out)])
+    return json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_writes_every_key(quick):
+    assert sorted(quick["per_m"]) == ["1", "5"]
+    for row in quick["per_m"].values():
+        assert set(row) == set(speed.KEYS) | set(speed.RATIOS)
+        for key, value in row.items():
+            assert math.isfinite(value) and value > 0, (key, value)
+
+
+def test_quick_run_counts_parameters_and_flops(quick):
+    # Quick sizes: a 32-64-64 body (6,272 parameters), linear heads of 650.
+    for m in [1, 5]:
+        row = quick["per_m"][str(m)]
+        assert row["hydra_params"] == 6272 + 650 * m
+        assert row["ensemble_params"] == (6272 + 650) * m
+        body, head = 32 * 64 + 64 * 64, 64 * 10
+        assert row["flop_ratio"] == pytest.approx(m * (body + head) / (body + m * head))
+    assert quick["per_m"]["1"]["flop_ratio"] == 1.0
+    # One single-model measurement serves every M.
+    assert (
+        quick["per_m"]["1"]["single_peak_mb"] == quick["per_m"]["5"]["single_peak_mb"]
+    )
+
+
+def test_quick_run_records_its_setting(quick):
+    assert quick["config"] == {
+        **vars(speed.SpeedConfig.quick()),
+        "num_heads": [1, 5],
+        "body": [64, 64],
+    }
+    assert len(quick["load_average"]) == 3
+
+
+def test_ratios_follow_the_measurements(quick):
+    row = quick["per_m"]["5"]
+    assert row["inference_speedup"] == pytest.approx(
+        row["hydra_throughput"] / row["ensemble_throughput"]
+    )
+    assert row["memory_ratio"] == pytest.approx(
+        row["hydra_peak_mb"] / row["single_peak_mb"]
+    )
+
+
+def test_flop_ratio_of_the_reported_sizes():
+    config = speed.SpeedConfig()
+    body = 784 * 512 + 512 * 512
+    assert speed.flop_ratio(config, 50) == pytest.approx(
+        50 * (body + 5120) / (body + 50 * 5120)
+    )
+    hidden = 512 * 128 + 128 * 10
+    assert speed.flop_ratio(config, 10, hidden=True) == pytest.approx(
+        10 * (body + hidden) / (body + 10 * hidden)
+    )
