@@ -100,18 +100,22 @@ def run_split(root: str, split_index: int, config: RegressionConfig) -> dict:
     split = uci.load(root, split_index)
     x, y = split.x_train, split.y_train
     batch_size, epochs = config.schedule(len(x))
-    optimizer = lambda: keras.optimizers.Adam(config.learning_rate)  # noqa: E731
 
-    ensemble = HydraModel(
+    def compiled(body, head, loss, name, num_heads=1):
+        model = HydraModel(body, head, num_heads=num_heads, name=name)
+        model.compile(
+            keras.optimizers.Adam(config.learning_rate),
+            loss,
+            steps_per_execution=_STEPS_PER_EXECUTION,
+        )
+        return model
+
+    ensemble = compiled(
         keras.layers.Identity(),
         _normal_heads((config.member_hidden,)),
-        num_heads=config.members,
-        name="ensemble",
-    )
-    ensemble.compile(
-        optimizer(),
         losses.DistributionNLL("Normal", mixture=False),
-        steps_per_execution=_STEPS_PER_EXECUTION,
+        "ensemble",
+        num_heads=config.members,
     )
     _fit(ensemble, x, y, epochs, batch_size)
 
@@ -126,26 +130,18 @@ def run_split(root: str, split_index: int, config: RegressionConfig) -> dict:
     targets = ensemble.predict(transfer, batch_size=1024, verbose=0)
     student_epochs = max(1, epochs // (1 + config.augment))
 
-    hydra = HydraModel(
-        _mlp(config.body, "body"), _normal_heads(config.head_hidden), name="hydra"
-    )
-    hydra.compile(
-        optimizer(),
-        losses.DistributionKL("Normal"),
-        steps_per_execution=_STEPS_PER_EXECUTION,
+    hydra, kd = (
+        compiled(
+            _mlp(config.body, "body"),
+            _normal_heads(config.head_hidden),
+            losses.DistributionKL("Normal"),
+            name,
+        )
+        for name in ("hydra", "kd")
     )
     _fit(hydra, transfer, targets, student_epochs, batch_size)
     hydra.add_heads(config.members)
     _fit(hydra, transfer, targets, student_epochs, batch_size)
-
-    kd = HydraModel(
-        _mlp(config.body, "body"), _normal_heads(config.head_hidden), name="kd"
-    )
-    kd.compile(
-        optimizer(),
-        losses.DistributionKL("Normal"),
-        steps_per_execution=_STEPS_PER_EXECUTION,
-    )
     _fit(kd, transfer, targets, 2 * student_epochs, batch_size)
 
     return {
