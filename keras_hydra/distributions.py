@@ -72,6 +72,12 @@ def parameter_names(family: type) -> list[str]:
     return names
 
 
+def is_positive(family: type, name: str) -> bool:
+    """Whether parameter `name` of `family` must be > 0 (a scale, a rate, df)."""
+    bijector = family.parameter_properties()[name].default_constraining_bijector_fn()
+    return isinstance(bijector, tfp.bijectors.Softplus)
+
+
 def constrain(raw, family: type, min_scale: float):
     """Maps unconstrained outputs `[..., P * E]` to valid parameters.
 
@@ -84,14 +90,12 @@ def constrain(raw, family: type, min_scale: float):
     pieces = tf.split(raw, len(parameter_names(family)), axis=-1)
     out = []
     for name, piece in zip(parameter_names(family), pieces, strict=True):
-        bijector = properties[name].default_constraining_bijector_fn()
-        if isinstance(bijector, tfp.bijectors.Identity):
-            out.append(piece)
-        elif isinstance(bijector, tfp.bijectors.Softplus):
+        if is_positive(family, name):
             out.append(
                 tf.math.softplus(piece) + min_scale + _LOWER_BOUNDS.get(name, 0.0)
             )
         else:
+            bijector = properties[name].default_constraining_bijector_fn()
             out.append(bijector.forward(piece))
     return tf.concat(out, axis=-1)
 

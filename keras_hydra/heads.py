@@ -179,11 +179,9 @@ class Distribution:
                 f"{self.event_size} needs {self.units} "
                 f"({', '.join(self.parameter_names)})."
             )
-        properties = self.family.parameter_properties()
         pieces = np.split(np.asarray(targets), len(self.parameter_names), axis=-1)
         for name, values in zip(self.parameter_names, pieces, strict=True):
-            bijector = properties[name].default_constraining_bijector_fn()
-            if isinstance(bijector, distributions.tfp.bijectors.Softplus):
+            if distributions.is_positive(self.family, name):
                 bad = ~(values > 0)
                 if bad.any():
                     index = tuple(int(i) for i in np.argwhere(bad)[0][:2])
