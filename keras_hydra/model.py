@@ -109,10 +109,43 @@ class HydraModel(keras.Model):
         return self.heads(self.body(inputs, training=training))
 
     def train_step(self, data):
-        return super().train_step(self._with_teacher_targets(data))
+        logs = super().train_step(self._with_teacher_targets(data))
+        return self._reducible(logs)
 
     def test_step(self, data):
-        return super().test_step(self._with_teacher_targets(data))
+        logs = super().test_step(self._with_teacher_targets(data))
+        return self._reducible(logs)
+
+    def _reducible(self, logs: dict) -> dict:
+        """Gives scalar logs a batch axis of 1 under multi-worker training.
+
+        Keras (keras-team/keras#20585) reduces each log of a multi-worker
+        step with `strategy.reduce("MEAN", value, axis=0)`, which rejects
+        scalars. With an axis of length 1 that reduction is the mean over
+        replicas, what Keras computes for `MirroredStrategy`. Should Keras
+        switch to `axis=None`, logs would come back with shape `[1]`, which
+        `tests/test_scale.py::test_multi_worker_logs_are_scalars` catches.
+        """
+        if not _is_multi_worker(self.distribute_strategy):
+            return logs
+        return keras.tree.map_structure(
+            lambda v: ops.reshape(v, (1,)) if len(v.shape) == 0 else v, logs
+        )
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras builds from the first batch averaged over replicas by
+        # `strategy.reduce` (keras-team/keras#20585), which fails under
+        # multi-worker collectives and when replicas hold unequal parts of a
+        # batch. Only shapes matter for that build: replica 0's part will do.
+        if iterator is not None and self._distribute_strategy is not None:
+            local = self._distribute_strategy.experimental_local_results
+            for _, _, batches in iterator:
+                data_batch = keras.tree.map_structure(
+                    lambda v: local(v)[0], next(batches), none_is_leaf=False
+                )
+                break
+            iterator = None
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _with_teacher_targets(self, data):
         if self._teacher is None:
@@ -387,6 +420,13 @@ class HydraModel(keras.Model):
         config["body"] = keras.saving.deserialize_keras_object(config["body"])
         config["head"] = keras.saving.deserialize_keras_object(config["head"])
         return cls(**config)
+
+
+def _is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
 
 
 def _check_backup(callback: keras.callbacks.BackupAndRestore) -> None:
