@@ -2,6 +2,7 @@ import json
 import math
 import os
 
+import keras
 import numpy as np
 import pytest
 
@@ -148,8 +149,9 @@ def test_member_kl_matrix_finds_own_members():
 def test_augment_inputs_stay_in_range():
     x = np.random.default_rng(0).uniform(0, 1, (20, 784)).astype("float32")
     variant = classification.Variant()
-    for kind in ("mixup", "noise"):
-        augmented = classification.augment_inputs(x, kind, variant, seed=0)
+    members = [keras.Sequential([keras.layers.Dense(10)]) for _ in range(3)]
+    for kind in ("mixup", "noise", "ods"):
+        augmented = classification.augment_inputs(x, kind, variant, 0, members)
         assert augmented.shape == x.shape and augmented.dtype == np.float32
         assert augmented.min() >= 0.0 and augmented.max() <= 1.0
         assert not np.allclose(augmented, x)

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from test_regression import write_uci
 
 from keras_hydra.benchmarks import regression
@@ -11,7 +12,9 @@ def test_regression_benchmark_writes_every_metric(tmp_path, capsys):
     x = rng.normal(size=(60, 2))
     data = np.column_stack([x, x @ [1.0, -2.0] + rng.normal(0, 0.3, 60)])
     write_uci(tmp_path / "data" / "toy", data, train=range(45), test=range(45, 60))
-    config = regression.RegressionConfig(members=2, augment=1, epochs=4)
+    config = regression.RegressionConfig(
+        members=2, epochs=4, variants=("plain", "augment_long")
+    )
     results = regression.run(
         str(tmp_path / "data"), ["toy"], str(tmp_path / "out"), config=config
     )
@@ -25,5 +28,16 @@ def test_regression_benchmark_writes_every_metric(tmp_path, capsys):
         assert 0.0 <= methods[method]["coverage_95"]["mean"] <= 1.0
     assert methods["kd"]["epistemic_share"]["mean"] == 0.0
     assert methods["ensemble"]["epistemic_share"]["mean"] > 0.0
+    # The first variant fills `methods`; each variant has its own students.
+    variants = written["datasets"]["toy"]["variants"]
+    assert list(variants) == ["plain", "augment_long"]
+    assert variants["plain"]["hydra"] == methods["hydra"]
+    assert variants["augment_long"]["hydra"] != methods["hydra"]
     table = (tmp_path / "out" / "table.md").read_text()
-    assert all(f"| toy | {m} |" in table for m in regression.METHODS)
+    labels = ["ensemble", "hydra (plain)", "kd (plain)", "hydra (augment_long)"]
+    assert all(f"| toy | {label} |" in table for label in labels)
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match=r"Unknown student variant\(s\) \['big'\]"):
+        regression.RegressionConfig(variants=("plain", "big"))

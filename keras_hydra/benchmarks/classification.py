@@ -26,6 +26,11 @@ change only how the Hydra is distilled:
   state (`HydraModel.add_heads` keeps it), so the copied heads move apart
   faster.
 - `mixup_reset`: `mixup` and `reset` together.
+- `ods`: the transfer set adds one output-diversified image per training
+  image (`keras_hydra.transfer.diversified`, step 0.1): a signed-gradient
+  step that changes one random member's prediction, so the members disagree
+  there (Nam et al. 2021).
+- `ods_reset`: `ods` and `reset` together.
 
 Variants on a larger transfer set run proportionally fewer epochs, so every
 variant takes about the same number of optimizer steps.
@@ -44,7 +49,7 @@ import keras
 import numpy as np
 from scipy import stats
 
-from keras_hydra import heads, losses, metrics, teacher, uncertainty
+from keras_hydra import heads, losses, metrics, teacher, transfer, uncertainty
 from keras_hydra.data import load_fashion_mnist, load_mnist_5k
 from keras_hydra.evaluation import ood_auroc
 from keras_hydra.model import HydraModel
@@ -62,9 +67,12 @@ class Variant:
     Args:
         temperature: float, the `HydraKL` temperature of both phases.
         head_hidden: tuple of ints, hidden layer sizes inside each head.
-        augment: `None`, `"mixup"` or `"noise"`: extra transfer inputs, one per
-            training image, whose teacher targets are cached once.
+        augment: `None`, `"mixup"`, `"noise"` or `"ods"`: extra transfer
+            inputs, one per training image, whose teacher targets are cached
+            once.
         noise_stddev: float, standard deviation of the `"noise"` inputs.
+        ods_step: float, step size of the `"ods"` inputs
+            (`keras_hydra.transfer.diversified`).
         reset_optimizer: bool, whether phase 2 starts with a fresh optimizer
             (recompiling after `add_heads`) instead of the carried-over state.
             Adam's first steps are then about `learning_rate` per weight,
@@ -75,6 +83,7 @@ class Variant:
     head_hidden: tuple = ()
     augment: str | None = None
     noise_stddev: float = 0.3
+    ods_step: float = 0.1
     reset_optimizer: bool = False
 
 
@@ -87,6 +96,8 @@ VARIANTS = {
     "mixup_hidden": Variant(augment="mixup", head_hidden=(128,)),
     "reset": Variant(reset_optimizer=True),
     "mixup_reset": Variant(augment="mixup", reset_optimizer=True),
+    "ods": Variant(augment="ods"),
+    "ods_reset": Variant(augment="ods", reset_optimizer=True),
 }
 
 
@@ -230,16 +241,22 @@ def train_ensemble(x, y, config: ClassificationConfig) -> list[keras.Model]:
     return members
 
 
-def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int):
-    """One augmented input per row of `x`: `"mixup"` or `"noise"`."""
-    rng = np.random.default_rng(seed)
+def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int, members=None):
+    """One augmented input per row of `x`: `"mixup"`, `"noise"` or `"ods"`.
+
+    `"ods"` needs the teacher's `members`.
+    """
     if kind == "mixup":
-        lam = rng.uniform(0.0, 1.0, (len(x), 1)).astype("float32")
-        return lam * x + (1 - lam) * x[rng.permutation(len(x))]
+        return transfer.mixup(x, seed=seed)
     if kind == "noise":
+        rng = np.random.default_rng(seed)
         noisy = x + rng.normal(0.0, variant.noise_stddev, x.shape).astype("float32")
         return np.clip(noisy, 0.0, 1.0)
-    raise ValueError(f"Unknown augmentation {kind!r}; use 'mixup' or 'noise'.")
+    if kind == "ods":
+        return transfer.diversified(
+            members, x, variant.ods_step, clip=(0.0, 1.0), seed=seed
+        )
+    raise ValueError(f"Unknown augmentation {kind!r}; use 'mixup', 'noise' or 'ods'.")
 
 
 def _student(config, head_hidden, name):
@@ -735,7 +752,9 @@ def run(
         variant = VARIANTS[name]
         tick = time.perf_counter()
         if variant.augment not in transfer:
-            extra = augment_inputs(x, variant.augment, variant, config.seed + 7)
+            extra = augment_inputs(
+                x, variant.augment, variant, config.seed + 7, members
+            )
             extra_targets = teacher.predict(members, extra, batch_size=2048)
             transfer[variant.augment] = (
                 np.concatenate([x, extra]),

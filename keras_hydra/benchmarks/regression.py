@@ -2,16 +2,19 @@
 
 For each split: a deep ensemble of M Normal-output MLPs trained with NLL
 (trained together as one model of M independent networks, which is the same
-as training them one by one on the same batches), a Hydra distilled from it
-(phase 1, `add_heads`, phase 2) and a single-head KD student with the same
-body, all evaluated on the test split in the target's original units.
+as training them one by one on the same batches), then, for each student
+variant, a Hydra distilled from it (phase 1, `add_heads`, phase 2) and a
+single-head KD student with the same body, all evaluated on the test split in
+the target's original units.
 
-Students are distilled on a transfer set: the training inputs plus
-`augment` copies perturbed with Gaussian noise (`noise`, in standard units),
-with the ensemble's outputs on them computed once. Distilling on the
-training inputs alone (`augment=0`) left Hydra's test NLL 0.19-0.28 nats
-behind the ensemble on Concrete and Yacht; the perturbed copies teach the
-students the ensemble's behaviour between training points.
+A `Student` variant says how both students are distilled: `plain` (the
+default) distils on the training inputs with a 2x50 body, linear heads, a
+constant learning rate and as many steps per phase as the members took. The
+others change one thing at a time or combine them: a transfer set with
+Gaussian-perturbed copies of the training inputs (`augment`, which teaches
+the students the ensemble's behaviour between training points), longer
+phases with a cosine-decaying learning rate (`long`), a wider body, hidden
+layers in the heads, noise on the expanded heads.
 """
 
 from __future__ import annotations
@@ -34,19 +37,69 @@ METHODS = ("ensemble", "hydra", "kd")
 METRICS = ("rmse", "nll", "crps", "coverage_95")
 
 
+@dataclass(frozen=True)
+class Student:
+    """How the Hydra and KD students of a split are distilled.
+
+    Args:
+        augment: number of copies of the training inputs, perturbed with
+            Gaussian noise of standard deviation `noise` (standard units),
+            added to the transfer set.
+        noise: that noise's standard deviation.
+        epochs: multiplier of each phase's length. At 1, a phase takes as
+            many steps as the members' training; the KD student takes both
+            phases' steps.
+        decay: cosine-decay the learning rate to 0 over all of a student's
+            steps (both phases for Hydra).
+        body: hidden units of the shared body.
+        head_hidden: hidden units of each head.
+        expansion_noise: standard deviation of the noise `add_heads` adds
+            to the copied head.
+    """
+
+    augment: int = 0
+    noise: float = 0.1
+    epochs: float = 1.0
+    decay: bool = False
+    body: tuple = (50, 50)
+    head_hidden: tuple = ()
+    expansion_noise: float = 0.0
+
+
+VARIANTS = {
+    "plain": Student(),
+    "augment": Student(augment=4),
+    "long": Student(epochs=3.0, decay=True),
+    "augment_long": Student(augment=4, epochs=3.0, decay=True),
+    "wide": Student(augment=4, body=(100, 100)),
+    "hidden": Student(augment=4, head_hidden=(50,)),
+    "noise": Student(augment=4, expansion_noise=0.05),
+    "augment_long_wide": Student(augment=4, epochs=3.0, decay=True, body=(100, 100)),
+}
+
+
 @dataclass
 class RegressionConfig:
-    """Settings of the benchmark; the defaults are the reported ones."""
+    """Settings of the benchmark; the defaults are the reported ones.
+
+    `variants` names entries of `VARIANTS`; the first one fills the
+    `hydra` and `kd` entries of `methods` in the results.
+    """
 
     members: int = 5
     member_hidden: int = 50
-    body: tuple = (50, 50)
-    head_hidden: tuple = ()
     learning_rate: float = 3e-3
-    augment: int = 4
-    noise: float = 0.1
+    variants: tuple = ("plain",)
     seed: int = 0
     epochs: int | None = None
+
+    def __post_init__(self):
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants:
+            raise ValueError(
+                f"Unknown student variant(s) {unknown or list(self.variants)}; "
+                f"choose from {sorted(VARIANTS)}."
+            )
 
     def schedule(self, num_train: int) -> tuple[int, int]:
         """(batch size, member epochs) for a training set of `num_train` rows."""
@@ -94,17 +147,28 @@ def _evaluate(params: np.ndarray, split: uci.UCISplit) -> dict:
     }
 
 
+def _transfer_set(x, student: Student, rng) -> np.ndarray:
+    copies = [
+        x + rng.normal(0.0, student.noise, x.shape).astype("float32")
+        for _ in range(student.augment)
+    ]
+    return np.concatenate([x, *copies])
+
+
 def run_split(root: str, split_index: int, config: RegressionConfig) -> dict:
-    """Trains the three methods on one split; returns their test metrics."""
+    """Trains the ensemble and each variant's students on one split.
+
+    Returns `{"ensemble": metrics, "<variant>": {"hydra": ..., "kd": ...}}`.
+    """
     keras.utils.set_random_seed(config.seed + split_index)
     split = uci.load(root, split_index)
     x, y = split.x_train, split.y_train
     batch_size, epochs = config.schedule(len(x))
 
-    def compiled(body, head, loss, name, num_heads=1):
+    def compiled(body, head, loss, name, num_heads=1, learning_rate=None):
         model = HydraModel(body, head, num_heads=num_heads, name=name)
         model.compile(
-            keras.optimizers.Adam(config.learning_rate),
+            keras.optimizers.Adam(learning_rate or config.learning_rate),
             loss,
             steps_per_execution=_STEPS_PER_EXECUTION,
         )
@@ -118,70 +182,92 @@ def run_split(root: str, split_index: int, config: RegressionConfig) -> dict:
         num_heads=config.members,
     )
     _fit(ensemble, x, y, epochs, batch_size)
+    results = {"ensemble": _evaluate(ensemble.predict(split.x_test, verbose=0), split)}
 
-    rng = np.random.default_rng(config.seed + split_index)
-    transfer = np.concatenate(
-        [x]
-        + [
-            x + rng.normal(0.0, config.noise, x.shape).astype("float32")
-            for _ in range(config.augment)
-        ]
-    )
-    targets = ensemble.predict(transfer, batch_size=1024, verbose=0)
-    student_epochs = max(1, epochs // (1 + config.augment))
-
-    hydra, kd = (
-        compiled(
-            _mlp(config.body, "body"),
-            _normal_heads(config.head_hidden),
-            losses.DistributionKL("Normal"),
-            name,
+    for name in config.variants:
+        student = VARIANTS[name]
+        rng = np.random.default_rng(config.seed + split_index)
+        transfer = _transfer_set(x, student, rng)
+        targets = ensemble.predict(transfer, batch_size=1024, verbose=0)
+        # Each phase takes `student.epochs` times the members' steps.
+        phase = max(1, round(epochs * student.epochs / (1 + student.augment)))
+        steps = 2 * phase * -(-len(transfer) // batch_size)
+        learning_rate = config.learning_rate
+        if student.decay:
+            learning_rate = keras.optimizers.schedules.CosineDecay(
+                config.learning_rate, decay_steps=steps
+            )
+        hydra, kd = (
+            compiled(
+                _mlp(student.body, "body"),
+                _normal_heads(student.head_hidden),
+                losses.DistributionKL("Normal"),
+                model_name,
+                learning_rate=learning_rate,
+            )
+            for model_name in ("hydra", "kd")
         )
-        for name in ("hydra", "kd")
-    )
-    _fit(hydra, transfer, targets, student_epochs, batch_size)
-    hydra.add_heads(config.members)
-    _fit(hydra, transfer, targets, student_epochs, batch_size)
-    _fit(kd, transfer, targets, 2 * student_epochs, batch_size)
-
-    return {
-        name: _evaluate(model.predict(split.x_test, verbose=0), split)
-        for name, model in [("ensemble", ensemble), ("hydra", hydra), ("kd", kd)]
-    }
+        _fit(hydra, transfer, targets, phase, batch_size)
+        hydra.add_heads(
+            config.members,
+            noise_stddev=student.expansion_noise,
+            seed=config.seed + split_index,
+        )
+        _fit(hydra, transfer, targets, phase, batch_size)
+        _fit(kd, transfer, targets, 2 * phase, batch_size)
+        results[name] = {
+            method: _evaluate(model.predict(split.x_test, verbose=0), split)
+            for method, model in [("hydra", hydra), ("kd", kd)]
+        }
+    return results
 
 
 def summarize(per_split: list[dict]) -> dict:
-    """Mean and standard error over splits, per method and metric."""
+    """Mean and standard error over splits of each metric of one method."""
     summary = {}
-    for method in METHODS:
-        summary[method] = {}
-        for metric in (*METRICS, "epistemic_share"):
-            values = np.array([s[method][metric] for s in per_split])
-            stderr = (
-                values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
-            )
-            summary[method][metric] = {
-                "mean": float(values.mean()),
-                "stderr": float(stderr),
-                "per_split": values.tolist(),
-            }
+    for metric in (*METRICS, "epistemic_share"):
+        values = np.array([s[metric] for s in per_split])
+        stderr = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+        summary[metric] = {
+            "mean": float(values.mean()),
+            "stderr": float(stderr),
+            "per_split": values.tolist(),
+        }
     return summary
 
 
+def _dataset_entry(per_split: list[dict], variants) -> dict:
+    """`methods` (ensemble and the first variant's students) and `variants`."""
+    students = {
+        v: {m: summarize([s[v][m] for s in per_split]) for m in ("hydra", "kd")}
+        for v in variants
+    }
+    ensemble = summarize([s["ensemble"] for s in per_split])
+    return {
+        "methods": {"ensemble": ensemble, **students[variants[0]]},
+        "variants": students,
+    }
+
+
 def table(results: dict) -> str:
-    """Markdown table of the mean ± standard error of every metric."""
+    """Markdown table of the mean ± standard error of every metric.
+
+    Students are labelled with their variant, e.g. `hydra (plain)`.
+    """
     lines = [
         "| dataset | method | RMSE | NLL | CRPS | 95% coverage | epistemic share |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, entry in results["datasets"].items():
-        for method in METHODS:
+        rows = [("ensemble", entry["methods"]["ensemble"])]
+        for variant, students in entry["variants"].items():
+            rows += [(f"{m} ({variant})", students[m]) for m in ("hydra", "kd")]
+        for label, metrics in rows:
             cells = [
-                f"{entry['methods'][method][m]['mean']:.3f} ± "
-                f"{entry['methods'][method][m]['stderr']:.3f}"
+                f"{metrics[m]['mean']:.3f} ± {metrics[m]['stderr']:.3f}"
                 for m in (*METRICS, "epistemic_share")
             ]
-            lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -221,7 +307,7 @@ def run(
         results["datasets"][name] = {
             "splits": count,
             "seconds": time.perf_counter() - start,
-            "methods": summarize(per_split),
+            **_dataset_entry(per_split, config.variants),
         }
         print(
             f"{name}: {count} splits in {time.perf_counter() - start:.0f} s", flush=True
@@ -245,7 +331,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--splits", type=int, default=None, help="splits per set")
     parser.add_argument("--members", type=int, default=5, help="ensemble size")
     parser.add_argument(
-        "--augment", type=int, default=4, help="noisy copies of the inputs to distil on"
+        "--variant",
+        action="append",
+        choices=sorted(VARIANTS),
+        help="student variant (repeatable; default: plain); the first fills "
+        "methods.hydra and methods.kd",
     )
     parser.add_argument("--out", required=True, help="output folder")
 
@@ -259,6 +349,7 @@ def main(args) -> None:
             for d in os.listdir(args.data_dir)
             if os.path.isdir(os.path.join(args.data_dir, d))
         )
-    config = RegressionConfig(members=args.members, augment=args.augment)
+    variants = tuple(args.variant or ("plain",))
+    config = RegressionConfig(members=args.members, variants=variants)
     results = run(args.data_dir, datasets, args.out, args.splits, config)
     print(table(results))
