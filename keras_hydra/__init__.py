@@ -11,6 +11,7 @@ from keras_hydra import (
     losses,
     metrics,
     teacher,
+    transfer,
     uncertainty,
 )
 from keras_hydra.model import HydraModel
@@ -29,5 +30,6 @@ __all__ = [
     "losses",
     "metrics",
     "teacher",
+    "transfer",
     "uncertainty",
 ]

@@ -52,8 +52,11 @@ def diversified(
     `w ~ U(-1, 1)^K` are drawn, and the row takes one signed-gradient step
     `x + step_size * sign(grad_x w . p_m(x))`, where `p_m` is member `m`'s
     class probabilities. The step changes member `m`'s prediction in a random
-    direction, which the other members do not follow: their disagreement
-    grows.
+    direction; the other members' predictions change in their own ways, so
+    the targets on these inputs show how the members differ off the
+    training data. Whether a Hydra distilled on them keeps more of the
+    ensemble's out-of-distribution disagreement is an empirical question:
+    `keras-hydra benchmark classification --variant ods` measures it.
 
     Args:
         members: the teacher's members (classifiers), or an `Ensemble`.
