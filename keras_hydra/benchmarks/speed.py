@@ -56,6 +56,8 @@ KEYS = (
     "vectorized_heads_step_s",
     "loop_heads_hidden_step_s",
     "vectorized_heads_hidden_step_s",
+    "dense_heads_step_s",
+    "dense_heads_hidden_step_s",
     "hydra_params",
     "ensemble_params",
     "hydra_peak_mb",
@@ -67,6 +69,8 @@ RATIOS = (
     "step_ratio",
     "heads_speedup",
     "heads_hidden_speedup",
+    "heads_speedup_bound",
+    "heads_hidden_speedup_bound",
     "memory_ratio",
 )
 
@@ -257,7 +261,13 @@ class _LoopHeads(keras.layers.Layer):
 
 
 def heads_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
-    """Forward + backward seconds of the heads alone, batched vs looped."""
+    """Forward + backward seconds of the heads alone, batched vs looped.
+
+    `dense` is the bound no batching of the heads can beat: one `Dense`
+    layer with all heads' outputs side by side (the linear heads' FLOPs, no
+    per-head work) and, for hidden heads, the same for their first layer
+    alone. `loop / dense` is the largest speed-up a vectorization can reach.
+    """
     features = tf.constant(
         rng.normal(size=(config.train_batch, config.body[-1])), "float32"
     )
@@ -268,6 +278,10 @@ def heads_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
             "loop": _LoopHeads(num_heads, config.num_classes, hidden, name="loop"),
             "vectorized": HydraHeads(
                 num_heads, config.num_classes, hidden_units=(hidden,) if hidden else ()
+            ),
+            "dense": keras.layers.Dense(
+                num_heads * (hidden or config.num_classes),
+                activation="relu" if hidden else None,
             ),
         }
         for name, layer in layers.items():
@@ -390,10 +404,12 @@ def ratios(row: dict) -> dict:
     ...            flop_ratio=10.0, hydra_step_s=1.1, single_step_s=1.0,
     ...            loop_heads_step_s=4.0, vectorized_heads_step_s=1.0,
     ...            loop_heads_hidden_step_s=3.0, vectorized_heads_hidden_step_s=1.0,
+    ...            dense_heads_step_s=0.5, dense_heads_hidden_step_s=1.5,
     ...            hydra_peak_mb=3.0, single_peak_mb=2.0)
     >>> {k: round(v, 2) for k, v in ratios(row).items()}
     {'inference_speedup': 9.0, 'speedup_over_flop_ratio': 0.9, 'step_ratio': 1.1,
-     'heads_speedup': 4.0, 'heads_hidden_speedup': 3.0, 'memory_ratio': 1.5}
+     'heads_speedup': 4.0, 'heads_hidden_speedup': 3.0, 'heads_speedup_bound': 8.0,
+     'heads_hidden_speedup_bound': 2.0, 'memory_ratio': 1.5}
     """
     speedup = row["hydra_throughput"] / row["ensemble_throughput"]
     return {
@@ -403,6 +419,9 @@ def ratios(row: dict) -> dict:
         "heads_speedup": row["loop_heads_step_s"] / row["vectorized_heads_step_s"],
         "heads_hidden_speedup": row["loop_heads_hidden_step_s"]
         / row["vectorized_heads_hidden_step_s"],
+        "heads_speedup_bound": row["loop_heads_step_s"] / row["dense_heads_step_s"],
+        "heads_hidden_speedup_bound": row["loop_heads_hidden_step_s"]
+        / row["dense_heads_hidden_step_s"],
         "memory_ratio": row["hydra_peak_mb"] / row["single_peak_mb"],
     }
 
@@ -421,6 +440,8 @@ def table(results: dict) -> str:
         ("step ratio", "step_ratio"),
         ("heads loop/vec", "heads_speedup"),
         ("hidden heads loop/vec", "heads_hidden_speedup"),
+        ("heads loop/bound", "heads_speedup_bound"),
+        ("hidden heads loop/bound", "heads_hidden_speedup_bound"),
         ("Hydra params", "hydra_params"),
         ("ensemble params", "ensemble_params"),
         ("Hydra MiB", "hydra_peak_mb"),
