@@ -31,6 +31,9 @@ change only how the Hydra is distilled:
   step that changes one random member's prediction, so the members disagree
   there (Nam et al. 2021).
 - `ods_reset`: `ods` and `reset` together.
+- `diverse`: phase 2 adds Hydra+'s head-diversity penalty (strength 0.1,
+  `keras_hydra.regularizers.HeadDiversity`) on the heads' kernels.
+- `diverse_reset`: `diverse` and `reset` together.
 
 Variants on a larger transfer set run proportionally fewer epochs, so every
 variant takes about the same number of optimizer steps.
@@ -49,7 +52,15 @@ import keras
 import numpy as np
 from scipy import stats
 
-from keras_hydra import heads, losses, metrics, teacher, transfer, uncertainty
+from keras_hydra import (
+    heads,
+    losses,
+    metrics,
+    regularizers,
+    teacher,
+    transfer,
+    uncertainty,
+)
 from keras_hydra.data import load_fashion_mnist, load_mnist_5k
 from keras_hydra.evaluation import ood_auroc
 from keras_hydra.model import HydraModel
@@ -77,6 +88,8 @@ class Variant:
             (recompiling after `add_heads`) instead of the carried-over state.
             Adam's first steps are then about `learning_rate` per weight,
             which pushes the copied heads apart quickly.
+        head_diversity: float, strength of the Hydra+ head-diversity
+            penalty (`keras_hydra.regularizers.HeadDiversity`) in phase 2.
     """
 
     temperature: float = 2.0
@@ -85,6 +98,7 @@ class Variant:
     noise_stddev: float = 0.3
     ods_step: float = 0.1
     reset_optimizer: bool = False
+    head_diversity: float = 0.0
 
 
 VARIANTS = {
@@ -98,6 +112,8 @@ VARIANTS = {
     "mixup_reset": Variant(augment="mixup", reset_optimizer=True),
     "ods": Variant(augment="ods"),
     "ods_reset": Variant(augment="ods", reset_optimizer=True),
+    "diverse": Variant(head_diversity=0.1),
+    "diverse_reset": Variant(head_diversity=0.1, reset_optimizer=True),
 }
 
 
@@ -315,6 +331,9 @@ def train_hydra(
     compile_hydra()
     _fit(hydra, x, targets, epochs1, config)
     hydra.add_heads(targets.shape[1])
+    if variant.head_diversity:
+        for kernel in hydra.heads.kernels:
+            kernel.regularizer = regularizers.HeadDiversity(variant.head_diversity)
     if variant.reset_optimizer:
         compile_hydra()
     _fit(hydra, x, targets, epochs2, config)
