@@ -15,6 +15,13 @@ Gaussian-perturbed copies of the training inputs (`augment`, which teaches
 the students the ensemble's behaviour between training points), longer
 phases with a cosine-decaying learning rate (`long`), a wider body, hidden
 layers in the heads, noise on the expanded heads.
+
+Measured on splits 0-1 of Yacht, Energy and Naval (Hydra's test NLL minus
+the ensemble's): `plain` +0.27, +0.24, +0.62; `augment` +0.18, +0.13, +0.61;
+`augment_long` +0.00, -0.03, +0.20; `augment_long_wide` +0.01, -0.01, +0.10.
+Longer distillation with a decaying learning rate matters most; the
+perturbed inputs and the wider body add to it. `augment_long_wide` is the
+recommended option; `plain` stays the default, the paper's recipe.
 """
 
 from __future__ import annotations
