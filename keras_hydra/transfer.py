@@ -44,7 +44,7 @@ def diversified(
     batch_size: int = 512,
     seed: int | None = None,
 ) -> np.ndarray:
-    """One input per row of `x`, moved to where the members' outputs differ.
+    """One input per row of `x`, moved by output-diversified sampling.
 
     Output-diversified sampling (ODS, Tashiro et al. 2020), as Nam et al.
     (2021, "Diversity Matters When Learning From Ensembles") use to distil

@@ -28,8 +28,8 @@ change only how the Hydra is distilled:
 - `mixup_reset`: `mixup` and `reset` together.
 - `ods`: the transfer set adds one output-diversified image per training
   image (`keras_hydra.transfer.diversified`, step 0.1): a signed-gradient
-  step that changes one random member's prediction, so the members disagree
-  there (Nam et al. 2021).
+  step that changes one random member's prediction in a random direction
+  (Nam et al. 2021).
 - `ods_reset`: `ods` and `reset` together.
 - `diverse`: phase 2 adds Hydra+'s head-diversity penalty (strength 0.1,
   `keras_hydra.regularizers.HeadDiversity`) on the heads' kernels.
