@@ -71,13 +71,7 @@ def determinism(scripts):
 
 @pytest.fixture(scope="module")
 def multi_worker(scripts):
-    """`(single, [worker0, worker1])` arrays and the workers' facts."""
-    out, process = scripts["multi_worker"]
-    process.wait(timeout=300)
-    assert process.returncode == 0, (out / "stderr.txt").read_text()[-3000:]
-    workers = [dict(np.load(out / f"worker{i}.npz")) for i in range(2)]
-    facts = [json.loads((out / f"worker{i}.json").read_text()) for i in range(2)]
-    return dict(np.load(out / "single.npz")), workers, facts
+    return script_result(scripts, "multi_worker")
 
 
 def random_data(n=64, seed=0):
@@ -255,21 +249,26 @@ def test_model_built_outside_the_scope_cannot_fit_inside(mirrored):
 def test_multi_worker_matches_single_process(multi_worker):
     # Two worker processes, one CPU replica each, over both phases: per-epoch
     # losses, validation losses, final weights, predictions and evaluate.
-    single, workers, facts = multi_worker
-    assert [f["replicas"] for f in facts] == [2, 2]
-    assert len(single["losses"]) == 4
-    for worker in workers:
-        for key, value in single.items():
+    arrays, facts = multi_worker
+    assert [f["replicas"] for f in facts["workers"]] == [2, 2]
+    assert len(arrays["single_losses"]) == 4
+    single = [k.removeprefix("single_") for k in arrays if k.startswith("single_")]
+    for worker in ["worker0", "worker1"]:
+        for key in single:
             np.testing.assert_allclose(
-                worker[key], value, rtol=1e-5, atol=1e-6, err_msg=key
+                arrays[f"{worker}_{key}"],
+                arrays[f"single_{key}"],
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=key,
             )
-    np.testing.assert_array_equal(workers[0]["weights"], workers[1]["weights"])
+    np.testing.assert_array_equal(arrays["worker0_weights"], arrays["worker1_weights"])
 
 
 def test_multi_worker_logs_are_scalars(multi_worker):
     # Guards the workaround for keras-team/keras#20585 (`_reducible`).
-    _, _, facts = multi_worker
-    for f in facts:
+    _, facts = multi_worker
+    for f in facts["workers"]:
         assert f["log_shapes"] == {"loss": [[]] * 4, "val_loss": [[]] * 4}
 
 

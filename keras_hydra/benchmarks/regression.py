@@ -191,11 +191,16 @@ def run_split(root: str, split_index: int, config: RegressionConfig) -> dict:
     _fit(ensemble, x, y, epochs, batch_size)
     results = {"ensemble": _evaluate(ensemble.predict(split.x_test, verbose=0), split)}
 
+    transfer_sets = {}  # variants with the same inputs share their targets
     for name in config.variants:
         student = VARIANTS[name]
-        rng = np.random.default_rng(config.seed + split_index)
-        transfer = _transfer_set(x, student, rng)
-        targets = ensemble.predict(transfer, batch_size=1024, verbose=0)
+        key = (student.augment, student.noise)
+        if key not in transfer_sets:
+            rng = np.random.default_rng(config.seed + split_index)
+            inputs = _transfer_set(x, student, rng)
+            targets = ensemble.predict(inputs, batch_size=1024, verbose=0)
+            transfer_sets[key] = inputs, targets
+        transfer, targets = transfer_sets[key]
         # Each phase takes `student.epochs` times the members' steps.
         phase = max(1, round(epochs * student.epochs / (1 + student.augment)))
         steps = 2 * phase * -(-len(transfer) // batch_size)

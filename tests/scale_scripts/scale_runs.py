@@ -7,8 +7,8 @@ before any TF op runs, so each run lives in its own interpreter:
     python scale_runs.py determinism OUT_DIR
     python scale_runs.py multi_worker OUT_DIR
 
-`multi_worker` starts two `worker` processes on local ports and runs the
-single-process reference meanwhile.
+`multi_worker` starts two `worker` processes on local ports, runs the
+single-process reference meanwhile, and gathers all three into its files.
 
 Each writes `OUT_DIR/<run>.npz` (arrays) and `OUT_DIR/<run>.json` (facts).
 """
@@ -228,17 +228,26 @@ def multi_worker(out):
             workers.append(subprocess.Popen(command, stderr=log))
     import numpy as np
 
-    arrays, _ = distributed_fit(hydra(), *data(n=64))
-    np.savez(os.path.join(out, "single.npz"), **arrays)
+    single, _ = distributed_fit(hydra(), *data(n=64))
+    arrays = {f"single_{k}": v for k, v in single.items()}
+    facts = {"workers": []}
     for index, process in enumerate(workers):
         try:
             process.wait(timeout=240)
         except subprocess.TimeoutExpired:
             for p in workers:
                 p.kill()
+                p.wait()
         if process.returncode != 0:
             with open(os.path.join(out, f"worker{index}.log")) as log:
                 sys.exit(f"worker {index} failed:\n{log.read()[-3000:]}")
+        with np.load(os.path.join(out, f"worker{index}.npz")) as worker:
+            arrays.update({f"worker{index}_{k}": worker[k] for k in worker.files})
+        with open(os.path.join(out, f"worker{index}.json")) as f:
+            facts["workers"].append(json.load(f))
+    np.savez(os.path.join(out, "multi_worker.npz"), **arrays)
+    with open(os.path.join(out, "multi_worker.json"), "w") as f:
+        json.dump(facts, f)
 
 
 if __name__ == "__main__":
