@@ -70,6 +70,7 @@ class AddHeads(keras.callbacks.Callback):
         at_epoch: int, the first epoch trained with `num_heads` heads.
         noise_stddev: float, as for `HydraModel.add_heads`.
         seed: optional int, as for `HydraModel.add_heads`.
+        copy_head: bool, as for `HydraModel.add_heads`.
 
     Example:
 
@@ -89,17 +90,21 @@ class AddHeads(keras.callbacks.Callback):
         at_epoch: int,
         noise_stddev: float = 0.0,
         seed: int | None = None,
+        copy_head: bool = True,
     ):
         super().__init__()
         self.num_heads = int(num_heads)
         self.at_epoch = int(at_epoch)
         self.noise_stddev = float(noise_stddev)
         self.seed = seed
+        self.copy_head = bool(copy_head)
 
     def on_epoch_begin(self, epoch, logs=None):
         if epoch < self.at_epoch or self.model.num_heads == self.num_heads:
             return
-        self.model.add_heads(self.num_heads, self.noise_stddev, self.seed)
+        self.model.add_heads(
+            self.num_heads, self.noise_stddev, self.seed, copy_head=self.copy_head
+        )
         # `fit` looks `train_function` up at every step but only makes it once,
         # before the first epoch; `evaluate` (validation) re-makes its own.
         self.model.make_train_function(force=True)
@@ -110,6 +115,7 @@ class AddHeads(keras.callbacks.Callback):
             "at_epoch": self.at_epoch,
             "noise_stddev": self.noise_stddev,
             "seed": self.seed,
+            "copy_head": self.copy_head,
         }
 
 

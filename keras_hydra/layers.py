@@ -133,7 +133,11 @@ class HydraHeads(keras.layers.Layer):
         return (input_shape[0], self.num_heads, self.units)
 
     def expand(
-        self, num_heads: int, noise_stddev: float = 0.0, seed: int | None = None
+        self,
+        num_heads: int,
+        noise_stddev: float = 0.0,
+        seed: int | None = None,
+        copy: bool = True,
     ) -> HydraHeads:
         """Returns a built copy of this single head, repeated `num_heads` times.
 
@@ -142,10 +146,13 @@ class HydraHeads(keras.layers.Layer):
             noise_stddev: float, standard deviation of Gaussian noise added to
                 every copied weight, so heads start apart.
             seed: optional int seed of that noise.
+            copy: bool, whether the new heads copy this head. If `False`, they
+                are drawn fresh from the initializers instead (the same
+                configuration, none of the trained weights).
 
         Returns:
             A new `HydraHeads` whose heads all equal this layer's head (plus
-            noise).
+            noise), or freshly initialized heads.
         """
         if self.num_heads != 1:
             raise ValueError(
@@ -158,6 +165,13 @@ class HydraHeads(keras.layers.Layer):
         config["num_heads"] = num_heads
         expanded = self.__class__.from_config(config)
         expanded.build((None, self.kernels[0].shape[1]))
+        if not copy:
+            if noise_stddev:
+                raise ValueError(
+                    "noise_stddev perturbs copied heads; with copy=False the heads "
+                    f"are drawn fresh. Received: noise_stddev={noise_stddev}"
+                )
+            return expanded
         rng = np.random.default_rng(seed)
         for new, old in zip(expanded.weights, self.weights, strict=True):
             value = np.repeat(ops.convert_to_numpy(old), num_heads, axis=0)

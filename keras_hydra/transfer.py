@@ -35,6 +35,56 @@ def mixup(x: np.ndarray, seed: int | None = None) -> np.ndarray:
     return lam * x + (1 - lam) * x[rng.permutation(len(x))]
 
 
+def cutmix(
+    x: np.ndarray,
+    image_shape: Sequence[int] | None = None,
+    seed: int | None = None,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """One CutMix input per row: a random box of another row pasted in.
+
+    `keras.layers.CutMix` does the pasting: the box's area fraction is
+    uniform in (0, 1), its position uniform, and the other row is drawn
+    from the same shuffled batch of `batch_size` rows. Unlike mixup's blends,
+    the result has sharp, unnatural edges and object parts out of place.
+
+    Args:
+        x: images `[N, height, width, channels]`, or flat rows `[N, D]` with
+            `image_shape`.
+        image_shape: `(height, width)` or `(height, width, channels)` of the
+            flat rows; `None` when `x` is already images.
+        seed: optional int seed of the shuffle and the boxes.
+        batch_size: int, rows per call of the layer.
+
+    Returns:
+        Float32 array shaped like `x`.
+
+    Example:
+
+    >>> x = np.stack([np.zeros((4, 4)), np.ones((4, 4))]).astype("float32")
+    >>> mixed = cutmix(x.reshape(2, 16), image_shape=(4, 4), seed=0)
+    >>> mixed.shape, bool(np.isin(mixed, [0.0, 1.0]).all())
+    ((2, 16), True)
+    """
+    x = np.asarray(x, "float32")
+    images = x if image_shape is None else x.reshape(len(x), *image_shape)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(
+            "cutmix expects images [N, height, width, channels] or flat rows "
+            f"with `image_shape`; received shape {x.shape} and image_shape="
+            f"{image_shape}."
+        )
+    order = np.random.default_rng(seed).permutation(len(images))
+    layer = keras.layers.CutMix(seed=seed)
+    mixed = np.empty_like(images)
+    for start in range(0, len(images), batch_size):
+        index = order[start : start + batch_size]
+        mixed[index] = keras.ops.convert_to_numpy(layer(images[index]))
+    return mixed.reshape(x.shape)
+
+
 def diversified(
     members: Sequence[keras.Model] | Ensemble,
     x: np.ndarray,

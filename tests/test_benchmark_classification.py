@@ -29,7 +29,7 @@ def quick_run(tmp_path_factory):
             "--extra-ood",
             f"uniform={out / 'noise.npz'}",
             "--variant",
-            "plain",
+            "cutmix_fresh_long",
             "--variant",
             "mixup_reset",
             "--kd-epochs",
@@ -75,6 +75,13 @@ def test_quick_params_and_sizes(quick_run):
     assert results["config"]["members"] == 3
     assert results["config"]["seeds"] == 1
     assert results["config"]["kd_epochs"] == 2  # the CLI override
+    # KD distils on the first variant's transfer set (training + CutMix
+    # images), in proportionally fewer epochs.
+    assert results["kd_student"] == {
+        "augment": "cutmix",
+        "epochs": 1,
+        "body": [512, 512],
+    }
 
 
 def test_quick_fidelity_keys_and_ranges(quick_run):
@@ -94,9 +101,12 @@ def test_quick_seeds_and_variants(quick_run):
     hydra = results["methods"]["hydra"]
     assert len(hydra["per_seed"]) == 1
     assert hydra["accuracy"] == hydra["per_seed"][0]["accuracy"]
-    assert list(results["variants"]) == ["plain", "mixup_reset"]
+    assert list(results["variants"]) == ["cutmix_fresh_long", "mixup_reset"]
     # The first variant is the reported Hydra.
-    assert results["variants"]["plain"]["hydra"]["nll"] == hydra["nll"]
+    first = results["variants"]["cutmix_fresh_long"]
+    assert first["hydra"]["nll"] == hydra["nll"]
+    assert first["variant"]["fresh_heads"] is True
+    assert first["variant"]["phase2_multiplier"] == 2.0
     mixup = results["variants"]["mixup_reset"]
     assert mixup["variant"]["augment"] == "mixup"
     assert mixup["variant"]["reset_optimizer"] is True
@@ -150,7 +160,7 @@ def test_augment_inputs_stay_in_range():
     x = np.random.default_rng(0).uniform(0, 1, (20, 784)).astype("float32")
     variant = classification.Variant()
     members = [keras.Sequential([keras.layers.Dense(10)]) for _ in range(3)]
-    for kind in ("mixup", "noise", "ods"):
+    for kind in ("mixup", "cutmix", "noise", "ods"):
         augmented = classification.augment_inputs(x, kind, variant, 0, members)
         assert augmented.shape == x.shape and augmented.dtype == np.float32
         assert augmented.min() >= 0.0 and augmented.max() <= 1.0

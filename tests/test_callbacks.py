@@ -161,7 +161,7 @@ def test_callback_configs():
         keras.saving.serialize_keras_object(schedule)
     )
     assert float(restored.schedule(2)) == pytest.approx(1.0)
-    add = callbacks.AddHeads(4, at_epoch=3, noise_stddev=0.01, seed=2)
+    add = callbacks.AddHeads(4, at_epoch=3, noise_stddev=0.01, seed=2, copy_head=False)
     assert callbacks.AddHeads(**add.get_config()).get_config() == add.get_config()
     x, targets = random_data(n=8)
     monitor = callbacks.FidelityMonitor(x, targets, batch_size=4)

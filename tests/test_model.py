@@ -111,6 +111,41 @@ def test_add_heads_carries_optimizer_state():
     assert np.all(np.isfinite(history.history["loss"]))
 
 
+def test_add_heads_fresh_keeps_the_body_and_draws_new_heads():
+    x, targets = random_data()
+    model = small_hydra(hidden_units=(4,))
+    model.fit(x, targets, epochs=2, verbose=0)
+    body = [w.numpy() for w in model.body.weights]
+    head = [k.numpy() for k in model.heads.kernels]
+    slots = {v.path: v.numpy() for v in model.optimizer.variables}
+    model.add_heads(4, copy_head=False)
+    for new, old in zip(model.body.weights, body, strict=True):
+        np.testing.assert_array_equal(new.numpy(), old)
+    for kernel, old in zip(model.heads.kernels, head, strict=True):
+        kernel = kernel.numpy()
+        # Glorot-uniform draws, one per head, none of them the trained head.
+        assert kernel.shape[0] == 4
+        assert np.abs(kernel).max() <= np.sqrt(6 / sum(kernel.shape[1:]))
+        assert not np.allclose(kernel[0], kernel[1])
+        assert not np.allclose(kernel[0], old[0])
+    for new, old in zip(model.optimizer.variables, slots.values(), strict=True):
+        if new.shape == old.shape:
+            np.testing.assert_array_equal(new.numpy(), old)
+        else:
+            assert not np.any(new.numpy())  # fresh heads, fresh state
+    history = model.fit(x, targets, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_add_heads_fresh_refuses_noise():
+    x, targets = random_data()
+    model = small_hydra()
+    model.fit(x, targets, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="noise_stddev=0.1"):
+        model.add_heads(4, noise_stddev=0.1, copy_head=False)
+    assert model.num_heads == 1
+
+
 def test_add_heads_misuse():
     with pytest.raises(ValueError, match="never built"):
         small_hydra().add_heads(4)

@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 from scipy.special import softmax
 
 from keras_hydra import transfer
@@ -25,6 +26,37 @@ def test_mixup_rows_mix_two_rows():
     mixed = transfer.mixup(x, seed=0)
     np.testing.assert_allclose(mixed.sum(axis=1), 1.0, rtol=1e-6)
     assert np.all((mixed > 0).sum(axis=1) <= 2)
+
+
+def test_cutmix_pastes_one_box_of_one_other_row():
+    # Row i is the constant i + 1, so every pixel shows which row it came from.
+    n, h, w = 40, 9, 7
+    x = np.repeat(np.arange(1, n + 1, dtype="float32"), h * w).reshape(n, h * w)
+    mixed = transfer.cutmix(x, image_shape=(h, w), seed=0, batch_size=16)
+    assert mixed.shape == x.shape and mixed.dtype == np.float32
+    boxes = 0
+    for i, row in enumerate(mixed.reshape(n, h, w)):
+        pasted = row != i + 1
+        sources = np.unique(row[pasted])
+        assert len(sources) <= 1
+        if not len(sources):
+            continue
+        boxes += 1
+        rows, cols = np.nonzero(pasted)
+        # The pasted pixels fill their bounding box: a rectangle.
+        area = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
+        assert pasted.sum() == area
+    assert boxes > n // 2
+    np.testing.assert_array_equal(
+        transfer.cutmix(x, image_shape=(h, w), seed=0, batch_size=16), mixed
+    )
+    images = transfer.cutmix(x.reshape(n, h, w, 1), seed=0, batch_size=16)
+    np.testing.assert_array_equal(images.reshape(n, -1), mixed)
+
+
+def test_cutmix_rejects_rows_without_image_shape():
+    with pytest.raises(ValueError, match=r"received shape \(4, 12\)"):
+        transfer.cutmix(np.zeros((4, 12), "float32"))
 
 
 def test_diversified_matches_numpy_gradient_step():

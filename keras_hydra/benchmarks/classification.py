@@ -34,9 +34,22 @@ change only how the Hydra is distilled:
 - `diverse`: phase 2 adds Hydra+'s head-diversity penalty (strength 0.1,
   `keras_hydra.regularizers.HeadDiversity`) on the heads' kernels.
 - `diverse_reset`: `diverse` and `reset` together.
+- `fresh`: `add_heads(M, copy_head=False)` draws the M heads fresh instead of
+  copying the phase-1 head, and phase 2 starts with a fresh Adam. Copies
+  agree wherever the transfer set does not pull them apart; fresh heads
+  differ everywhere, as the independently initialized members do.
+- `cutmix`: the transfer set adds one CutMix image per training image
+  (`keras_hydra.transfer.cutmix`: a random box of another image pasted in).
+- `cutmix_fresh`: `cutmix` and `fresh` together.
+- `cutmix_fresh_long`: `cutmix_fresh` with twice phase 2's optimizer steps.
+  The default.
+- `cutmix_fresh_long_wide`: `cutmix_fresh_long` with a 784-1024-1024 body.
 
 Variants on a larger transfer set run proportionally fewer epochs, so every
-variant takes about the same number of optimizer steps.
+variant takes about the same number of optimizer steps, except the `_long`
+ones' doubled phase 2. The KD student is distilled on the first variant's
+transfer set, with the same body and as many steps as its Hydra, so the two
+differ only in their heads.
 """
 
 from __future__ import annotations
@@ -78,9 +91,9 @@ class Variant:
     Args:
         temperature: float, the `HydraKL` temperature of both phases.
         head_hidden: tuple of ints, hidden layer sizes inside each head.
-        augment: `None`, `"mixup"`, `"noise"` or `"ods"`: extra transfer
-            inputs, one per training image, whose teacher targets are cached
-            once.
+        augment: `None`, `"mixup"`, `"cutmix"`, `"noise"` or `"ods"`: extra
+            transfer inputs, one per training image, whose teacher targets are
+            cached once.
         noise_stddev: float, standard deviation of the `"noise"` inputs.
         ods_step: float, step size of the `"ods"` inputs
             (`keras_hydra.transfer.diversified`).
@@ -90,6 +103,11 @@ class Variant:
             which pushes the copied heads apart quickly.
         head_diversity: float, strength of the Hydra+ head-diversity
             penalty (`keras_hydra.regularizers.HeadDiversity`) in phase 2.
+        fresh_heads: bool, whether `add_heads` draws the heads fresh
+            (`copy_head=False`) instead of copying the phase-1 head.
+        phase2_multiplier: float, multiplier of phase 2's optimizer steps.
+        body: tuple of ints, the Hydra's body; empty for the members' hidden
+            layers (`ClassificationConfig.hidden`).
     """
 
     temperature: float = 2.0
@@ -99,6 +117,9 @@ class Variant:
     ods_step: float = 0.1
     reset_optimizer: bool = False
     head_diversity: float = 0.0
+    fresh_heads: bool = False
+    phase2_multiplier: float = 1.0
+    body: tuple = ()
 
 
 VARIANTS = {
@@ -114,12 +135,31 @@ VARIANTS = {
     "ods_reset": Variant(augment="ods", reset_optimizer=True),
     "diverse": Variant(head_diversity=0.1),
     "diverse_reset": Variant(head_diversity=0.1, reset_optimizer=True),
+    "fresh": Variant(fresh_heads=True, reset_optimizer=True),
+    "cutmix": Variant(augment="cutmix"),
+    "cutmix_fresh": Variant(augment="cutmix", fresh_heads=True, reset_optimizer=True),
+    "cutmix_fresh_long": Variant(
+        augment="cutmix", fresh_heads=True, reset_optimizer=True, phase2_multiplier=2.0
+    ),
+    "cutmix_fresh_long_wide": Variant(
+        augment="cutmix",
+        fresh_heads=True,
+        reset_optimizer=True,
+        phase2_multiplier=2.0,
+        body=(1024, 1024),
+    ),
 }
 
 
 @dataclass
 class ClassificationConfig:
-    """Settings of the benchmark; the defaults are the reported full run."""
+    """Settings of the benchmark; the defaults are the reported full run.
+
+    Epoch counts are passes over the training images; on a larger transfer
+    set they shrink in proportion. The KD student is distilled on the first
+    variant's transfer set, for `kd_epochs` or, when `None`, as many steps as
+    that variant's Hydra takes over both phases, with that variant's body.
+    """
 
     members: int = 10
     seeds: int = 3
@@ -127,14 +167,14 @@ class ClassificationConfig:
     member_epochs: int = 5
     phase1_epochs: int = 3
     phase2_epochs: int = 8
-    kd_epochs: int = 11
+    kd_epochs: int | None = None
     batch_size: int = 256
     learning_rate: float = 1e-3
     kd_temperature: float = 2.0
     train_size: int | None = None
     test_size: int | None = None
     ood_size: int | None = None
-    variants: list = field(default_factory=lambda: ["plain"])
+    variants: list = field(default_factory=lambda: ["cutmix_fresh_long"])
     seed: int = 0
 
     @classmethod
@@ -258,12 +298,14 @@ def train_ensemble(x, y, config: ClassificationConfig) -> list[keras.Model]:
 
 
 def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int, members=None):
-    """One augmented input per row of `x`: `"mixup"`, `"noise"` or `"ods"`.
+    """One augmented input per row of `x`: `"mixup"`, `"cutmix"`, `"noise"`, `"ods"`.
 
     `"ods"` needs the teacher's `members`.
     """
     if kind == "mixup":
         return transfer.mixup(x, seed=seed)
+    if kind == "cutmix":
+        return transfer.cutmix(x, image_shape=(28, 28), seed=seed)
     if kind == "noise":
         rng = np.random.default_rng(seed)
         noisy = x + rng.normal(0.0, variant.noise_stddev, x.shape).astype("float32")
@@ -272,12 +314,14 @@ def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int, member
         return transfer.diversified(
             members, x, variant.ods_step, clip=(0.0, 1.0), seed=seed
         )
-    raise ValueError(f"Unknown augmentation {kind!r}; use 'mixup', 'noise' or 'ods'.")
+    raise ValueError(
+        f"Unknown augmentation {kind!r}; use 'mixup', 'cutmix', 'noise' or 'ods'."
+    )
 
 
-def _student(config, head_hidden, name):
+def _student(body, head_hidden, name):
     return HydraModel(
-        _mlp(config.hidden, "body"),
+        _mlp(body, "body"),
         heads.Categorical(NUM_CLASSES, hidden_units=head_hidden),
         name=name,
     )
@@ -289,16 +333,26 @@ def _fit(model, x, targets, epochs, config):
     )
 
 
-def train_kd(x, targets, config: ClassificationConfig, seed: int) -> HydraModel:
-    """A single-head student distilled from the ensemble mean (Hinton KD)."""
+def train_kd(
+    x,
+    targets,
+    config: ClassificationConfig,
+    seed: int,
+    epochs: int,
+    body: Sequence[int] = (),
+) -> HydraModel:
+    """A single-head student distilled from the ensemble mean (Hinton KD).
+
+    `body` defaults to the members' hidden layers (`config.hidden`).
+    """
     keras.utils.set_random_seed(seed)
-    kd = _student(config, (), "kd")
+    kd = _student(body or config.hidden, (), "kd")
     kd.compile(
         keras.optimizers.Adam(config.learning_rate),
         losses.HydraKL(temperature=config.kd_temperature),
         steps_per_execution=_steps(len(x), config.batch_size),
     )
-    _fit(kd, x, targets, config.kd_epochs, config)
+    _fit(kd, x, targets, epochs, config)
     return kd
 
 
@@ -318,8 +372,8 @@ def train_hydra(
     keras.utils.set_random_seed(seed)
     scale = len(x) / (num_train or len(x))
     epochs1 = max(1, round(config.phase1_epochs / scale))
-    epochs2 = max(1, round(config.phase2_epochs / scale))
-    hydra = _student(config, variant.head_hidden, "hydra")
+    epochs2 = max(1, round(variant.phase2_multiplier * config.phase2_epochs / scale))
+    hydra = _student(variant.body or config.hidden, variant.head_hidden, "hydra")
 
     def compile_hydra():
         hydra.compile(
@@ -330,7 +384,7 @@ def train_hydra(
 
     compile_hydra()
     _fit(hydra, x, targets, epochs1, config)
-    hydra.add_heads(targets.shape[1])
+    hydra.add_heads(targets.shape[1], copy_head=not variant.fresh_heads)
     if variant.head_diversity:
         for kernel in hydra.heads.kernels:
             kernel.regularizer = regularizers.HeadDiversity(variant.head_diversity)
@@ -732,6 +786,26 @@ def run(
     tick = time.perf_counter()
     ens_out = outputs_of(ensemble)
     transfer = {None: (x, teacher.predict(members, x, batch_size=2048))}
+
+    def transfer_set(variant):
+        """Training images plus the variant's extra inputs, with targets."""
+        if variant.augment not in transfer:
+            extra = augment_inputs(
+                x, variant.augment, variant, config.seed + 7, members
+            )
+            extra_targets = teacher.predict(members, extra, batch_size=2048)
+            transfer[variant.augment] = (
+                np.concatenate([x, extra]),
+                np.concatenate([transfer[None][1], extra_targets]),
+            )
+        return transfer[variant.augment]
+
+    first = VARIANTS[config.variants[0]]
+    x_kd, targets_kd = transfer_set(first)
+    kd_passes = config.kd_epochs or (
+        config.phase1_epochs + first.phase2_multiplier * config.phase2_epochs
+    )
+    kd_epochs = max(1, round(kd_passes * len(x) / len(x_kd)))
     seconds["teacher_targets"] = time.perf_counter() - tick
     member_params = members[0].count_params()
     print(f"ensemble: {seconds['ensemble']:.0f} s", flush=True)
@@ -750,7 +824,9 @@ def run(
     tick = time.perf_counter()
     kd_runs, kd_first = [], None
     for s in range(config.seeds):
-        kd = train_kd(*transfer[None], config, seed=config.seed + 1000 + s)
+        kd = train_kd(
+            x_kd, targets_kd, config, config.seed + 1000 + s, kd_epochs, first.body
+        )
         kd_out = outputs_of(kd)
         kd_first = kd_first or kd_out
         kd_runs.append(evaluate(kd_out, y_test, kd.count_params()))
@@ -763,6 +839,11 @@ def run(
         "methods": methods,
         "fidelity": {},
         "variants": {},
+        "kd_student": {
+            "augment": first.augment,
+            "epochs": kd_epochs,
+            "body": list(first.body or config.hidden),
+        },
         "seconds": seconds,
         "load_average": load,
     }
@@ -770,16 +851,7 @@ def run(
     for name in config.variants:
         variant = VARIANTS[name]
         tick = time.perf_counter()
-        if variant.augment not in transfer:
-            extra = augment_inputs(
-                x, variant.augment, variant, config.seed + 7, members
-            )
-            extra_targets = teacher.predict(members, extra, batch_size=2048)
-            transfer[variant.augment] = (
-                np.concatenate([x, extra]),
-                np.concatenate([transfer[None][1], extra_targets]),
-            )
-        x_t, targets = transfer[variant.augment]
+        x_t, targets = transfer_set(variant)
         runs, fids = [], []
         for s in range(config.seeds):
             hydra = train_hydra(
@@ -791,7 +863,11 @@ def run(
             runs.append(evaluate(hydra_out, y_test, hydra.count_params()))
             fids.append(fidelity(ens_out, hydra_out))
         entry = {
-            "variant": {**asdict(variant), "head_hidden": list(variant.head_hidden)},
+            "variant": {
+                **asdict(variant),
+                "head_hidden": list(variant.head_hidden),
+                "body": list(variant.body),
+            },
             "hydra": mean_over_seeds(runs),
             "fidelity": mean_over_seeds(fids),
             "seconds": time.perf_counter() - tick,
@@ -875,7 +951,8 @@ def add_arguments(parser) -> None:
         action="append",
         default=None,
         choices=sorted(VARIANTS),
-        help="Hydra variant (repeatable; default plain; the first is `hydra`)",
+        help="Hydra variant (repeatable; default cutmix_fresh_long; the first is "
+        "`hydra`)",
     )
 
 
