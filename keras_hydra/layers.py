@@ -161,16 +161,16 @@ class HydraHeads(keras.layers.Layer):
             )
         if not self.built:
             raise ValueError("The head is not built yet: there is nothing to copy.")
+        if not copy and noise_stddev:
+            raise ValueError(
+                "noise_stddev perturbs copied heads; with copy=False the heads "
+                f"are drawn fresh. Received: noise_stddev={noise_stddev}"
+            )
         config = self.get_config()
         config["num_heads"] = num_heads
         expanded = self.__class__.from_config(config)
         expanded.build((None, self.kernels[0].shape[1]))
         if not copy:
-            if noise_stddev:
-                raise ValueError(
-                    "noise_stddev perturbs copied heads; with copy=False the heads "
-                    f"are drawn fresh. Received: noise_stddev={noise_stddev}"
-                )
             return expanded
         rng = np.random.default_rng(seed)
         for new, old in zip(expanded.weights, self.weights, strict=True):
