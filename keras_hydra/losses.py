@@ -105,9 +105,10 @@ class HydraKL(keras.losses.Loss):
         if not self.from_logits:
             y_true = ops.log(ops.maximum(y_true, _EPSILON))
         log_p = ops.log_softmax(y_true / temperature, axis=-1)
-        # Mean of each head's group of members, in log space.
-        log_p = ops.reshape(log_p, (-1, num_heads, group, num_classes))
-        log_p = ops.logsumexp(log_p, axis=2) - np.log(group).astype("float32")
+        if group > 1:
+            # Mean of each head's group of members, in log space.
+            log_p = ops.reshape(log_p, (-1, num_heads, group, num_classes))
+            log_p = ops.logsumexp(log_p, axis=2) - np.log(group).astype("float32")
         log_q = ops.log_softmax(y_pred / temperature, axis=-1)
         kl = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
         return ops.mean(kl, axis=-1) * temperature**2

@@ -42,8 +42,12 @@ change only how the Hydra is distilled:
   (`keras_hydra.transfer.cutmix`: a random box of another image pasted in).
 - `cutmix_fresh`: `cutmix` and `fresh` together.
 - `cutmix_fresh_long`: `cutmix_fresh` with twice phase 2's optimizer steps.
-  The default.
 - `cutmix_fresh_long_wide`: `cutmix_fresh_long` with a 784-1024-1024 body.
+- `cutmix_fresh_long_hidden`: `cutmix_fresh_long` with heads of one 128-unit
+  hidden layer, so each head has features of its own.
+- `cutmix_fresh_long_wide_hidden`: both of the last two.
+- `cutmix_fresh_longer_hidden`: `cutmix_fresh_long_hidden` with four times
+  phase 2's optimizer steps. The default.
 
 Variants on a larger transfer set run proportionally fewer epochs, so every
 variant takes about the same number of optimizer steps, except the `_long`
@@ -148,6 +152,28 @@ VARIANTS = {
         phase2_multiplier=2.0,
         body=(1024, 1024),
     ),
+    "cutmix_fresh_long_hidden": Variant(
+        augment="cutmix",
+        fresh_heads=True,
+        reset_optimizer=True,
+        phase2_multiplier=2.0,
+        head_hidden=(128,),
+    ),
+    "cutmix_fresh_long_wide_hidden": Variant(
+        augment="cutmix",
+        fresh_heads=True,
+        reset_optimizer=True,
+        phase2_multiplier=2.0,
+        body=(1024, 1024),
+        head_hidden=(128,),
+    ),
+    "cutmix_fresh_longer_hidden": Variant(
+        augment="cutmix",
+        fresh_heads=True,
+        reset_optimizer=True,
+        phase2_multiplier=4.0,
+        head_hidden=(128,),
+    ),
 }
 
 
@@ -174,7 +200,7 @@ class ClassificationConfig:
     train_size: int | None = None
     test_size: int | None = None
     ood_size: int | None = None
-    variants: list = field(default_factory=lambda: ["cutmix_fresh_long"])
+    variants: list = field(default_factory=lambda: ["cutmix_fresh_longer_hidden"])
     seed: int = 0
 
     @classmethod
@@ -951,8 +977,8 @@ def add_arguments(parser) -> None:
         action="append",
         default=None,
         choices=sorted(VARIANTS),
-        help="Hydra variant (repeatable; default cutmix_fresh_long; the first is "
-        "`hydra`)",
+        help="Hydra variant (repeatable; default cutmix_fresh_longer_hidden; the "
+        "first is `hydra`)",
     )
 
 

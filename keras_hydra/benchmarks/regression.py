@@ -82,6 +82,9 @@ VARIANTS = {
     "hidden": Student(augment=4, head_hidden=(50,)),
     "noise": Student(augment=4, expansion_noise=0.05),
     "augment_long_wide": Student(augment=4, epochs=3.0, decay=True, body=(100, 100)),
+    "augment_longer_wide": Student(augment=4, epochs=6.0, decay=True, body=(100, 100)),
+    "augment_long_wider": Student(augment=4, epochs=3.0, decay=True, body=(200, 200)),
+    "augment_long_widest": Student(augment=4, epochs=3.0, decay=True, body=(400, 400)),
 }
 
 
