@@ -29,7 +29,7 @@ def quick_run(tmp_path_factory):
             "--extra-ood",
             f"uniform={out / 'noise.npz'}",
             "--variant",
-            "cutmix_fresh_long",
+            "cutmix_fresh_longer_hidden",
             "--variant",
             "mixup_reset",
             "--kd-epochs",
@@ -70,8 +70,11 @@ def test_quick_params_and_sizes(quick_run):
     assert methods["single"]["params"] == member
     assert methods["ensemble"]["params"] == 3 * member
     assert methods["kd"]["params"] == member
-    # Hydra: the same body plus 3 linear heads.
-    assert methods["hydra"]["params"] == member + 2 * (512 * 10 + 10)
+    # Hydra (the first variant): the same body and 3 heads of a 128-unit
+    # hidden layer each.
+    body = member - (512 * 10 + 10)
+    head = 512 * 128 + 128 + 128 * 10 + 10
+    assert methods["hydra"]["params"] == body + 3 * head
     assert results["config"]["members"] == 3
     assert results["config"]["seeds"] == 1
     assert results["config"]["kd_epochs"] == 2  # the CLI override
@@ -101,12 +104,13 @@ def test_quick_seeds_and_variants(quick_run):
     hydra = results["methods"]["hydra"]
     assert len(hydra["per_seed"]) == 1
     assert hydra["accuracy"] == hydra["per_seed"][0]["accuracy"]
-    assert list(results["variants"]) == ["cutmix_fresh_long", "mixup_reset"]
+    assert list(results["variants"]) == ["cutmix_fresh_longer_hidden", "mixup_reset"]
     # The first variant is the reported Hydra.
-    first = results["variants"]["cutmix_fresh_long"]
+    first = results["variants"]["cutmix_fresh_longer_hidden"]
     assert first["hydra"]["nll"] == hydra["nll"]
     assert first["variant"]["fresh_heads"] is True
-    assert first["variant"]["phase2_multiplier"] == 2.0
+    assert first["variant"]["phase2_multiplier"] == 4.0
+    assert first["variant"]["head_hidden"] == [128]
     mixup = results["variants"]["mixup_reset"]
     assert mixup["variant"]["augment"] == "mixup"
     assert mixup["variant"]["reset_optimizer"] is True

@@ -48,6 +48,7 @@ change only how the Hydra is distilled:
 - `cutmix_fresh_long_wide_hidden`: both of the last two.
 - `cutmix_fresh_longer_hidden`: `cutmix_fresh_long_hidden` with four times
   phase 2's optimizer steps. The default.
+- `cutmix_fresh_longest_hidden`: the same with eight times phase 2's steps.
 
 Variants on a larger transfer set run proportionally fewer epochs, so every
 variant takes about the same number of optimizer steps, except the `_long`
@@ -172,6 +173,13 @@ VARIANTS = {
         fresh_heads=True,
         reset_optimizer=True,
         phase2_multiplier=4.0,
+        head_hidden=(128,),
+    ),
+    "cutmix_fresh_longest_hidden": Variant(
+        augment="cutmix",
+        fresh_heads=True,
+        reset_optimizer=True,
+        phase2_multiplier=8.0,
         head_hidden=(128,),
     ),
 }

@@ -20,8 +20,14 @@ Measured on splits 0-1 of Yacht, Energy and Naval (Hydra's test NLL minus
 the ensemble's): `plain` +0.27, +0.24, +0.62; `augment` +0.18, +0.13, +0.61;
 `augment_long` +0.00, -0.03, +0.20; `augment_long_wide` +0.01, -0.01, +0.10.
 Longer distillation with a decaying learning rate matters most; the
-perturbed inputs and the wider body add to it. `augment_long_wide` is the
-recommended option; `plain` stays the default, the paper's recipe.
+perturbed inputs and the wider body add to it. Widening further helps again,
+for the same steps: on splits 0-2, `augment_long_wide` / `augment_longer_wide`
+(twice the steps) / `augment_long_wider` (2x200 body) gave +0.107 / +0.064 /
++0.042 on Naval and -0.049 / -0.067 / -0.075 on Yacht (Hydra RMSE +5.2 % /
+-4.3 % / -2.9 % of the ensemble's). `augment_long_widest` (2x400) went
+further on split 0 alone (Naval +0.062 -> +0.034, Yacht +0.020 -> +0.006).
+`augment_long_wider` is the recommended option, measured on all 20 splits;
+`plain` stays the default, the paper's recipe.
 """
 
 from __future__ import annotations
