@@ -51,10 +51,10 @@ change only how the Hydra is distilled:
 - `cutmix_fresh_longest_hidden`: the same with eight times phase 2's steps.
 
 Variants on a larger transfer set run proportionally fewer epochs, so every
-variant takes about the same number of optimizer steps, except the `_long`
-ones' doubled phase 2. The KD student is distilled on the first variant's
-transfer set, with the same body and as many steps as its Hydra, so the two
-differ only in their heads.
+variant takes about the same number of optimizer steps, except the longer
+phase 2 of the `_long`, `_longer` and `_longest` ones. The KD student is
+distilled on the first variant's transfer set, with the same body and as
+many steps as its Hydra, so the two differ only in their heads.
 """
 
 from __future__ import annotations
