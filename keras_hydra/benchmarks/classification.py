@@ -127,6 +127,8 @@ class Variant:
     body: tuple = ()
 
 
+_CUTMIX_FRESH = Variant(augment="cutmix", fresh_heads=True, reset_optimizer=True)
+
 VARIANTS = {
     "plain": Variant(),
     "t4": Variant(temperature=4.0),
@@ -142,45 +144,22 @@ VARIANTS = {
     "diverse_reset": Variant(head_diversity=0.1, reset_optimizer=True),
     "fresh": Variant(fresh_heads=True, reset_optimizer=True),
     "cutmix": Variant(augment="cutmix"),
-    "cutmix_fresh": Variant(augment="cutmix", fresh_heads=True, reset_optimizer=True),
-    "cutmix_fresh_long": Variant(
-        augment="cutmix", fresh_heads=True, reset_optimizer=True, phase2_multiplier=2.0
+    "cutmix_fresh": _CUTMIX_FRESH,
+    "cutmix_fresh_long": dataclasses.replace(_CUTMIX_FRESH, phase2_multiplier=2.0),
+    "cutmix_fresh_long_wide": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=2.0, body=(1024, 1024)
     ),
-    "cutmix_fresh_long_wide": Variant(
-        augment="cutmix",
-        fresh_heads=True,
-        reset_optimizer=True,
-        phase2_multiplier=2.0,
-        body=(1024, 1024),
+    "cutmix_fresh_long_hidden": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=2.0, head_hidden=(128,)
     ),
-    "cutmix_fresh_long_hidden": Variant(
-        augment="cutmix",
-        fresh_heads=True,
-        reset_optimizer=True,
-        phase2_multiplier=2.0,
-        head_hidden=(128,),
+    "cutmix_fresh_long_wide_hidden": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=2.0, body=(1024, 1024), head_hidden=(128,)
     ),
-    "cutmix_fresh_long_wide_hidden": Variant(
-        augment="cutmix",
-        fresh_heads=True,
-        reset_optimizer=True,
-        phase2_multiplier=2.0,
-        body=(1024, 1024),
-        head_hidden=(128,),
+    "cutmix_fresh_longer_hidden": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(128,)
     ),
-    "cutmix_fresh_longer_hidden": Variant(
-        augment="cutmix",
-        fresh_heads=True,
-        reset_optimizer=True,
-        phase2_multiplier=4.0,
-        head_hidden=(128,),
-    ),
-    "cutmix_fresh_longest_hidden": Variant(
-        augment="cutmix",
-        fresh_heads=True,
-        reset_optimizer=True,
-        phase2_multiplier=8.0,
-        head_hidden=(128,),
+    "cutmix_fresh_longest_hidden": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=8.0, head_hidden=(128,)
     ),
 }
 
