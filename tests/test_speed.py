@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -56,6 +58,35 @@ def test_ratios_follow_the_measurements(quick):
     assert row["memory_ratio"] == pytest.approx(
         row["hydra_peak_mb"] / row["single_peak_mb"]
     )
+    body, head = 32 * 64 + 64 * 64, 64 * 10
+    assert row["speedup_over_flop_bound"] == pytest.approx(
+        row["body_throughput"] * body / (body + head) / (5 * row["ensemble_throughput"])
+    )
+
+
+def test_threads_size_both_pools_in_a_fresh_process():
+    code = (
+        "import tensorflow as tf; from keras_hydra.benchmarks import speed; "
+        "speed.set_threads(1); tf.constant(0.0).numpy(); "
+        "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+        "tf.config.threading.get_inter_op_parallelism_threads())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split()[-2:] == ["1", "1"]
+
+
+def test_threads_refused_once_tensorflow_runs(quick):
+    with pytest.raises(RuntimeError, match="Cannot run the speed benchmark on 1"):
+        speed.set_threads(1)
+
+
+def test_threads_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="--threads must be >= 1. Received: 0"):
+        cli.main(
+            ["benchmark", "speed", "--quick", "--threads", "0", "--out", str(tmp_path)]
+        )
 
 
 def test_flop_ratio_of_the_reported_sizes():

@@ -161,6 +161,12 @@ VARIANTS = {
     "cutmix_fresh_longest_hidden": dataclasses.replace(
         _CUTMIX_FRESH, phase2_multiplier=8.0, head_hidden=(128,)
     ),
+    "cutmix_fresh_x16_hidden": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=16.0, head_hidden=(128,)
+    ),
+    "cutmix_fresh_longer_hidden_t1": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(128,), temperature=1.0
+    ),
 }
 
 

@@ -6,7 +6,11 @@ classes) fed synthetic inputs, in one process:
 - inference throughput (examples/s) of a Hydra with M heads and of an
   ensemble of M separate models with the same body and head
   (`keras_hydra.teacher.Ensemble`, all members in one compiled call), and the
-  theoretical FLOP ratio `M (body + head) / (body + M head)`;
+  theoretical FLOP ratio `M (body + head) / (body + M head)`; and the
+  throughput of the body alone, which bounds what any heads can reach: on
+  several cores an ensemble's independent members run side by side, each on
+  its own core, while a Hydra's one chain of matrix products must split
+  every product across cores, which scales less (`speedup_over_flop_bound`);
 - the train-step time of the Hydra (M heads, `HydraKL` on cached targets)
   and of a single model (the same with one head);
 - forward + backward time of the heads alone, body excluded: `HydraHeads`
@@ -23,6 +27,9 @@ measurement, from just after TensorFlow starts to the end of one `fit`
 epoch. tracemalloc sees none of TensorFlow's memory, and
 `tf.config.experimental.get_memory_info("CPU:0")` reports 0 during `fit` on
 this CPU build (it only counts some allocations), so neither is used.
+
+`--threads N` runs everything on N threads (TensorFlow's intra- and
+inter-op pools), `--threads 1` compares the models at equal parallelism.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from keras_hydra.teacher import Ensemble
 KEYS = (
     "hydra_throughput",
     "ensemble_throughput",
+    "body_throughput",
     "flop_ratio",
     "hydra_step_s",
     "single_step_s",
@@ -66,6 +74,7 @@ KEYS = (
 RATIOS = (
     "inference_speedup",
     "speedup_over_flop_ratio",
+    "speedup_over_flop_bound",
     "step_ratio",
     "heads_speedup",
     "heads_hidden_speedup",
@@ -98,6 +107,7 @@ class SpeedConfig:
     repeats: int = 7
     calls_per_repeat: int = 5
     jit_compile: bool = False
+    threads: int | None = None
     seed: int = 0
 
     @classmethod
@@ -148,13 +158,13 @@ def _fetch(result) -> None:
             value.numpy()
 
 
-def flop_ratio(config: SpeedConfig, num_heads: int, hidden: bool = False) -> float:
-    """`M (body + head) / (body + M head)`, in multiply-adds of one example.
+def flops(config: SpeedConfig, hidden: bool = False) -> tuple[int, int]:
+    """Multiply-adds of one example in the body and in one head.
 
     Example:
 
-    >>> round(flop_ratio(SpeedConfig(), 10), 2)
-    9.36
+    >>> flops(SpeedConfig())
+    (663552, 5120)
     """
     sizes = [config.input_dim, *config.body]
     body = sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
@@ -163,6 +173,18 @@ def flop_ratio(config: SpeedConfig, num_heads: int, hidden: bool = False) -> flo
         head = features * config.head_hidden + config.head_hidden * config.num_classes
     else:
         head = features * config.num_classes
+    return body, head
+
+
+def flop_ratio(config: SpeedConfig, num_heads: int, hidden: bool = False) -> float:
+    """`M (body + head) / (body + M head)`, in multiply-adds of one example.
+
+    Example:
+
+    >>> round(flop_ratio(SpeedConfig(), 10), 2)
+    9.36
+    """
+    body, head = flops(config, hidden)
     return num_heads * (body + head) / (body + num_heads * head)
 
 
@@ -206,19 +228,22 @@ def _forward(model, config: SpeedConfig) -> Callable:
 
 
 def inference(config: SpeedConfig, num_heads: int, rng) -> dict:
-    """Throughputs and parameter counts of a Hydra and an ensemble."""
+    """Throughputs and parameter counts of a Hydra, an ensemble and a body."""
     x = tf.constant(
         rng.normal(size=(config.inference_batch, config.input_dim)), "float32"
     )
     hydra = _hydra(config, num_heads)
     ensemble = _ensemble(config, num_heads)
+    body = _body(config)
+    body.build((None, config.input_dim))
     timing = (config.warmup, config.repeats, config.calls_per_repeat)
     results = {}
-    for name, model in [("hydra", hydra), ("ensemble", ensemble)]:
+    for name, model in [("hydra", hydra), ("ensemble", ensemble), ("body", body)]:
         forward = _forward(model, config)
         seconds = median_time(lambda f=forward: f(x), *timing)
         results[f"{name}_throughput"] = config.inference_batch / seconds
-        results[f"{name}_params"] = int(model.count_params())
+        if name != "body":
+            results[f"{name}_params"] = int(model.count_params())
     return results
 
 
@@ -347,9 +372,11 @@ def _rss_mb(field: str) -> float:
 
 def _memory_child(config_json: str, num_heads: int) -> dict:
     """The measurement of `peak_memory_mb`, run inside the fresh process."""
+    config = SpeedConfig(**json.loads(config_json))
+    if config.threads:
+        set_threads(config.threads)
     tf.constant(0.0).numpy()  # start the runtime before the baseline
     baseline = _rss_mb("VmRSS")
-    config = SpeedConfig(**json.loads(config_json))
     rng = np.random.default_rng(config.seed)
     n = config.memory_examples
     x = rng.normal(size=(n, config.input_dim)).astype("float32")
@@ -366,6 +393,8 @@ def run(config: SpeedConfig, out: str | None = None) -> dict:
         `{"config": ..., "load_average": ..., "per_m": {M: {key: value}}}`,
         the keys of `KEYS` and `RATIOS` for each M.
     """
+    if config.threads:
+        set_threads(config.threads)
     load_before = list(os.getloadavg())
     keras.utils.set_random_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -378,7 +407,8 @@ def run(config: SpeedConfig, out: str | None = None) -> dict:
         row.update(heads_steps(config, num_heads, rng))
         row["hydra_peak_mb"] = peak_memory_mb(config, num_heads)
         row["single_peak_mb"] = single_peak
-        row.update(ratios(row))
+        body, head = flops(config)
+        row.update(ratios(row, num_heads, body / (body + head)))
         per_m[str(num_heads)] = row
         keras.backend.clear_session()
     results = {
@@ -395,26 +425,53 @@ def run(config: SpeedConfig, out: str | None = None) -> dict:
     return results
 
 
-def ratios(row: dict) -> dict:
+def set_threads(threads: int) -> None:
+    """Sizes TensorFlow's intra- and inter-op thread pools.
+
+    Raises:
+        RuntimeError: if TensorFlow has already run an op in this process.
+    """
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"Cannot run the speed benchmark on {threads} thread(s): TensorFlow "
+            "has already started in this process. Pass `threads` to a fresh "
+            "process (`keras-hydra benchmark speed --threads N`)."
+        ) from error
+
+
+def ratios(row: dict, num_heads: int = 1, body_share: float = 1.0) -> dict:
     """The derived ratios of one row of measurements.
+
+    `speedup_over_flop_bound` is `speedup_over_flop_ratio` for a Hydra whose
+    heads cost their share of FLOPs at the body's measured speed: what
+    perfect heads would reach against this ensemble. It needs `num_heads`
+    and `body_share`, the body's share of one member's FLOPs.
 
     Example:
 
     >>> row = dict(hydra_throughput=90.0, ensemble_throughput=10.0,
+    ...            body_throughput=95.0,
     ...            flop_ratio=10.0, hydra_step_s=1.1, single_step_s=1.0,
     ...            loop_heads_step_s=4.0, vectorized_heads_step_s=1.0,
     ...            loop_heads_hidden_step_s=3.0, vectorized_heads_hidden_step_s=1.0,
     ...            dense_heads_step_s=0.5, dense_heads_hidden_step_s=1.5,
     ...            hydra_peak_mb=3.0, single_peak_mb=2.0)
-    >>> {k: round(v, 2) for k, v in ratios(row).items()}
-    {'inference_speedup': 9.0, 'speedup_over_flop_ratio': 0.9, 'step_ratio': 1.1,
-     'heads_speedup': 4.0, 'heads_hidden_speedup': 3.0, 'heads_speedup_bound': 8.0,
+    >>> {k: round(v, 2) for k, v in ratios(row, num_heads=10).items()}
+    {'inference_speedup': 9.0, 'speedup_over_flop_ratio': 0.9,
+     'speedup_over_flop_bound': 0.95, 'step_ratio': 1.1, 'heads_speedup': 4.0,
+     'heads_hidden_speedup': 3.0, 'heads_speedup_bound': 8.0,
      'heads_hidden_speedup_bound': 2.0, 'memory_ratio': 1.5}
     """
     speedup = row["hydra_throughput"] / row["ensemble_throughput"]
     return {
         "inference_speedup": speedup,
         "speedup_over_flop_ratio": speedup / row["flop_ratio"],
+        "speedup_over_flop_bound": row["body_throughput"]
+        * body_share
+        / (num_heads * row["ensemble_throughput"]),
         "step_ratio": row["hydra_step_s"] / row["single_step_s"],
         "heads_speedup": row["loop_heads_step_s"] / row["vectorized_heads_step_s"],
         "heads_hidden_speedup": row["loop_heads_hidden_step_s"]
@@ -435,6 +492,8 @@ def table(results: dict) -> str:
         ("speed-up", "inference_speedup"),
         ("FLOP ratio", "flop_ratio"),
         ("speed-up / FLOP", "speedup_over_flop_ratio"),
+        ("body ex/s", "body_throughput"),
+        ("bound", "speedup_over_flop_bound"),
         ("Hydra step ms", "hydra_step_s"),
         ("single step ms", "single_step_s"),
         ("step ratio", "step_ratio"),
@@ -482,6 +541,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--jit-compile", action="store_true", help="compile every timed call with XLA"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="TensorFlow threads (intra- and inter-op); default: all cores",
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -490,6 +555,10 @@ def main(args: argparse.Namespace) -> None:
     if args.num_heads:
         config.num_heads = tuple(args.num_heads)
     config.jit_compile = bool(args.jit_compile)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1. Received: {args.threads}")
+        config.threads = args.threads
     results = run(config, args.out)
     load = ", ".join(f"{v:.2f}" for v in results["load_average"])
     print(f"Load average at the end: {load} on {results['cpu_count']} CPUs.")
