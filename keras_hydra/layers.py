@@ -39,10 +39,10 @@ class HydraHeads(keras.layers.Layer):
     """`num_heads` independent MLP heads evaluated as one batched kernel.
 
     Head `m` is a stack of dense layers with its own weights. All heads run
-    together: the first layer is one matrix product of the shared features
-    with all heads' kernels side by side, later layers
-    `einsum("bmh,mhk->bmk")`, so the cost of many heads is one larger matrix
-    product, not a Python loop.
+    together: linear heads as one matrix product of the shared features with
+    all heads' kernels side by side, heads with hidden layers as batched
+    matrix products over the head axis, so the cost of many heads is a few
+    larger matrix products, not a Python loop.
 
     Args:
         num_heads: int, the number of heads.
@@ -115,19 +115,29 @@ class HydraHeads(keras.layers.Layer):
             )
 
     def call(self, features):
-        # The first layer as one [d, M*k] matmul rather than
-        # einsum("bd,mdk->bmk"), which copies the features per head: measured
-        # 20-26% faster for heads with a hidden layer, the same for linear ones.
+        if self.hidden_units:
+            # Batched matmuls over a leading head axis, [M, batch, units]: no
+            # per-call copy of the kernels or of the wide hidden activations.
+            # Forward + backward measured 1.2x (M = 10) to 1.45x (M = 50)
+            # faster than a [d, M*h] first layer followed by
+            # einsum("bmh,mhk->bmk").
+            x = features[None]
+            for i, (kernel, bias) in enumerate(
+                zip(self.kernels, self.biases, strict=True)
+            ):
+                if i:
+                    x = self.activation(x)
+                x = ops.matmul(x, kernel) + bias[:, None, :]
+            return ops.transpose(x, (1, 0, 2))
+        # Linear heads: one [d, M*k] matmul, measured faster than the batched
+        # form and than einsum("bd,mdk->bmk"), which copies the features.
         kernel = self.kernels[0]
         num_heads, fan_in, fan_out = kernel.shape
         stacked = ops.reshape(
             ops.transpose(kernel, (1, 0, 2)), (fan_in, num_heads * fan_out)
         )
         x = ops.reshape(ops.matmul(features, stacked), (-1, num_heads, fan_out))
-        x = x + self.biases[0]
-        for kernel, bias in zip(self.kernels[1:], self.biases[1:], strict=True):
-            x = ops.einsum("bmh,mhk->bmk", self.activation(x), kernel) + bias
-        return x
+        return x + self.biases[0]
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_heads, self.units)
