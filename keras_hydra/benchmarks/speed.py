@@ -20,13 +20,14 @@ classes) fed synthetic inputs, in one process:
 - peak TensorFlow memory of one distillation epoch (M heads, targets
   `[N, M, 10]`) and of a single-model epoch (targets `[N, 1, 10]`).
 
-Timings are medians over repeats after warm-up, of `tf.function`-compiled
-calls (the train step is Keras's own compiled `train_function`). Memory is
-the growth of the peak resident set size (`VmHWM`) of a fresh process per
-measurement, from just after TensorFlow starts to the end of one `fit`
-epoch. tracemalloc sees none of TensorFlow's memory, and
-`tf.config.experimental.get_memory_info("CPU:0")` reports 0 during `fit` on
-this CPU build (it only counts some allocations), so neither is used.
+Timings are medians over repeats after warm-up, the compared calls taking
+turns, of `tf.function`-compiled calls (the train step is Keras's own
+compiled `train_function`). Memory is the growth of the peak resident set
+size (`VmHWM`) of a fresh process per measurement, from just after
+TensorFlow starts to the end of one `fit` epoch. tracemalloc sees none of
+TensorFlow's memory, and `tf.config.experimental.get_memory_info("CPU:0")`
+reports 0 during `fit` on this CPU build (it only counts some allocations),
+so neither is used.
 
 `--threads N` runs everything on N threads (TensorFlow's intra- and
 inter-op pools), `--threads 1` compares the models at equal parallelism.
@@ -35,6 +36,7 @@ inter-op pools), `--threads 1` compares the models at equal parallelism.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -128,28 +130,33 @@ class SpeedConfig:
         )
 
 
-def median_time(
-    function: Callable[[], object], warmup: int, repeats: int, calls: int
-) -> float:
-    """Median over `repeats` of the mean seconds of `calls` calls of `function`.
+def median_times(
+    functions: dict[str, Callable[[], object]], warmup: int, repeats: int, calls: int
+) -> dict[str, float]:
+    """Median over `repeats` of the mean seconds of `calls` calls, per function.
 
-    Each call's result is fetched to numpy so that asynchronous work is
-    counted.
+    The functions take turns, one repeat each, so that a drift in the
+    machine's speed (other load, clock changes) reaches all of them alike
+    and cancels in their ratios. Each call's result is fetched to numpy so
+    that asynchronous work is counted.
 
     Example:
 
-    >>> median_time(lambda: None, warmup=1, repeats=3, calls=2) >= 0.0
+    >>> times = median_times({"a": lambda: None}, warmup=1, repeats=3, calls=2)
+    >>> times["a"] >= 0.0
     True
     """
-    for _ in range(warmup):
-        _fetch(function())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
+    for function in functions.values():
+        for _ in range(warmup):
             _fetch(function())
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                _fetch(function())
+            times[name].append((time.perf_counter() - start) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _fetch(result) -> None:
@@ -236,14 +243,19 @@ def inference(config: SpeedConfig, num_heads: int, rng) -> dict:
     ensemble = _ensemble(config, num_heads)
     body = _body(config)
     body.build((None, config.input_dim))
-    timing = (config.warmup, config.repeats, config.calls_per_repeat)
-    results = {}
-    for name, model in [("hydra", hydra), ("ensemble", ensemble), ("body", body)]:
-        forward = _forward(model, config)
-        seconds = median_time(lambda f=forward: f(x), *timing)
-        results[f"{name}_throughput"] = config.inference_batch / seconds
-        if name != "body":
-            results[f"{name}_params"] = int(model.count_params())
+    models = {"hydra": hydra, "ensemble": ensemble, "body": body}
+    forwards = {
+        name: functools.partial(_forward(model, config), x)
+        for name, model in models.items()
+    }
+    times = median_times(
+        forwards, config.warmup, config.repeats, config.calls_per_repeat
+    )
+    results = {
+        f"{name}_throughput": config.inference_batch / times[name] for name in times
+    }
+    results["hydra_params"] = int(hydra.count_params())
+    results["ensemble_params"] = int(ensemble.count_params())
     return results
 
 
@@ -260,15 +272,11 @@ def train_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
     x = rng.normal(size=(config.train_batch, config.input_dim)).astype("float32")
     targets = rng.normal(size=(config.train_batch, num_heads, config.num_classes))
     targets = targets.astype("float32")
-    timing = (config.warmup, config.repeats, config.calls_per_repeat)
-    results = {}
-    for name, heads_count, y in [
-        ("hydra", num_heads, targets),
-        ("single", 1, targets[:, :1]),
-    ]:
-        model = _hydra(config, heads_count)
-        results[f"{name}_step_s"] = median_time(_train_function(model, x, y), *timing)
-    return results
+    steps = {
+        "hydra_step_s": _train_function(_hydra(config, num_heads), x, targets),
+        "single_step_s": _train_function(_hydra(config, 1), x, targets[:, :1]),
+    }
+    return median_times(steps, config.warmup, config.repeats, config.calls_per_repeat)
 
 
 class _LoopHeads(keras.layers.Layer):
@@ -296,7 +304,6 @@ def heads_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
     features = tf.constant(
         rng.normal(size=(config.train_batch, config.body[-1])), "float32"
     )
-    timing = (config.warmup, config.repeats, config.calls_per_repeat)
     results = {}
     for suffix, hidden in [("", None), ("_hidden", config.head_hidden)]:
         layers = {
@@ -309,6 +316,7 @@ def heads_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
                 activation="relu" if hidden else None,
             ),
         }
+        steps = {}
         for name, layer in layers.items():
             layer(features)  # build
 
@@ -317,8 +325,12 @@ def heads_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
                     loss = tf.reduce_mean(tf.square(layer(features)))
                 return tape.gradient(loss, layer.trainable_variables)
 
-            step = tf.function(step, jit_compile=config.jit_compile)
-            results[f"{name}_heads{suffix}_step_s"] = median_time(step, *timing)
+            steps[f"{name}_heads{suffix}_step_s"] = tf.function(
+                step, jit_compile=config.jit_compile
+            )
+        results.update(
+            median_times(steps, config.warmup, config.repeats, config.calls_per_repeat)
+        )
     return results
 
 
