@@ -99,6 +99,7 @@ class Variant:
         augment: `None`, `"mixup"`, `"cutmix"`, `"noise"` or `"ods"`: extra
             transfer inputs, one per training image, whose teacher targets are
             cached once.
+        copies: int, how many augmented inputs per training image.
         noise_stddev: float, standard deviation of the `"noise"` inputs.
         ods_step: float, step size of the `"ods"` inputs
             (`keras_hydra.transfer.diversified`).
@@ -118,6 +119,7 @@ class Variant:
     temperature: float = 2.0
     head_hidden: tuple = ()
     augment: str | None = None
+    copies: int = 1
     noise_stddev: float = 0.3
     ods_step: float = 0.1
     reset_optimizer: bool = False
@@ -166,6 +168,9 @@ VARIANTS = {
     ),
     "cutmix_fresh_longer_hidden_t1": dataclasses.replace(
         _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(128,), temperature=1.0
+    ),
+    "cutmix3_fresh_longer_hidden": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(128,), copies=3
     ),
 }
 
@@ -808,16 +813,22 @@ def run(
 
     def transfer_set(variant):
         """Training images plus the variant's extra inputs, with targets."""
-        if variant.augment not in transfer:
-            extra = augment_inputs(
-                x, variant.augment, variant, config.seed + 7, members
+        key = (variant.augment, variant.copies) if variant.augment else None
+        if key not in transfer:
+            extra = np.concatenate(
+                [
+                    augment_inputs(
+                        x, variant.augment, variant, config.seed + 7 + 100 * c, members
+                    )
+                    for c in range(variant.copies)
+                ]
             )
             extra_targets = teacher.predict(members, extra, batch_size=2048)
-            transfer[variant.augment] = (
+            transfer[key] = (
                 np.concatenate([x, extra]),
                 np.concatenate([transfer[None][1], extra_targets]),
             )
-        return transfer[variant.augment]
+        return transfer[key]
 
     first = VARIANTS[config.variants[0]]
     x_kd, targets_kd = transfer_set(first)
@@ -860,6 +871,7 @@ def run(
         "variants": {},
         "kd_student": {
             "augment": first.augment,
+            "copies": first.copies,
             "epochs": kd_epochs,
             "body": list(first.body or config.hidden),
         },
