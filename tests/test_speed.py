@@ -34,6 +34,9 @@ def test_quick_run_counts_parameters_and_flops(quick):
         assert row["ensemble_params"] == (6272 + 650) * m
         body, head = 32 * 64 + 64 * 64, 64 * 10
         assert row["flop_ratio"] == pytest.approx(m * (body + head) / (body + m * head))
+        assert row["step_flop_ratio"] == pytest.approx(
+            (body + m * head) / (body + head)
+        )
     assert quick["per_m"]["1"]["flop_ratio"] == 1.0
     # One single-model measurement serves every M.
     assert (

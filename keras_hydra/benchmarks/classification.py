@@ -49,6 +49,12 @@ change only how the Hydra is distilled:
 - `cutmix_fresh_longer_hidden`: `cutmix_fresh_long_hidden` with four times
   phase 2's optimizer steps. The default.
 - `cutmix_fresh_longest_hidden`: the same with eight times phase 2's steps.
+- `cutmix_fresh_x16_hidden`: the same with sixteen times phase 2's steps.
+- `cutmix_fresh_longer_hidden_t1`: `cutmix_fresh_longer_hidden` at
+  temperature 1.
+- `cutmix3_fresh_longer_hidden`: `cutmix_fresh_longer_hidden` with three
+  CutMix images per training image, so the same steps see more distinct
+  inputs.
 
 Variants on a larger transfer set run proportionally fewer epochs, so every
 variant takes about the same number of optimizer steps, except the longer

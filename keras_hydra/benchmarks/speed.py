@@ -12,7 +12,8 @@ classes) fed synthetic inputs, in one process:
   its own core, while a Hydra's one chain of matrix products must split
   every product across cores, which scales less (`speedup_over_flop_bound`);
 - the train-step time of the Hydra (M heads, `HydraKL` on cached targets)
-  and of a single model (the same with one head);
+  and of a single model (the same with one head), beside the ratio of their
+  FLOPs, `(body + M head) / (body + head)`;
 - forward + backward time of the heads alone, body excluded: `HydraHeads`
   against a Python loop of M Dense heads (traced into one graph), for linear
   heads and for heads with one 128-unit hidden layer;
@@ -60,6 +61,7 @@ KEYS = (
     "ensemble_throughput",
     "body_throughput",
     "flop_ratio",
+    "step_flop_ratio",
     "hydra_step_s",
     "single_step_s",
     "loop_heads_step_s",
@@ -413,13 +415,16 @@ def run(config: SpeedConfig, out: str | None = None) -> dict:
     single_peak = peak_memory_mb(config, 1)
     per_m = {}
     for num_heads in config.num_heads:
-        row = {"flop_ratio": flop_ratio(config, num_heads)}
+        body, head = flops(config)
+        row = {
+            "flop_ratio": flop_ratio(config, num_heads),
+            "step_flop_ratio": (body + num_heads * head) / (body + head),
+        }
         row.update(inference(config, num_heads, rng))
         row.update(train_steps(config, num_heads, rng))
         row.update(heads_steps(config, num_heads, rng))
         row["hydra_peak_mb"] = peak_memory_mb(config, num_heads)
         row["single_peak_mb"] = single_peak
-        body, head = flops(config)
         row.update(ratios(row, num_heads, body / (body + head)))
         per_m[str(num_heads)] = row
         keras.backend.clear_session()
@@ -509,6 +514,7 @@ def table(results: dict) -> str:
         ("Hydra step ms", "hydra_step_s"),
         ("single step ms", "single_step_s"),
         ("step ratio", "step_ratio"),
+        ("step FLOP ratio", "step_flop_ratio"),
         ("heads loop/vec", "heads_speedup"),
         ("hidden heads loop/vec", "heads_hidden_speedup"),
         ("heads loop/bound", "heads_speedup_bound"),
