@@ -82,6 +82,7 @@ def test_quick_params_and_sizes(quick_run):
     # images), in proportionally fewer epochs.
     assert results["kd_student"] == {
         "augment": "cutmix",
+        "copies": 1,
         "epochs": 1,
         "body": [512, 512],
     }
