@@ -55,6 +55,9 @@ change only how the Hydra is distilled:
 - `cutmix3_fresh_longer_hidden`: `cutmix_fresh_longer_hidden` with three
   CutMix images per training image, so the same steps see more distinct
   inputs.
+- `cutmix_fresh_longer_shallow`: `cutmix_fresh_longer_hidden` sharing only
+  the first layer (784-512 body), so each head's 128-unit layer works on
+  less processed features.
 
 Variants on a larger transfer set run proportionally fewer epochs, so every
 variant takes about the same number of optimizer steps, except the longer
@@ -177,6 +180,9 @@ VARIANTS = {
     ),
     "cutmix3_fresh_longer_hidden": dataclasses.replace(
         _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(128,), copies=3
+    ),
+    "cutmix_fresh_longer_shallow": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(128,), body=(512,)
     ),
 }
 
