@@ -55,6 +55,8 @@ change only how the Hydra is distilled:
 - `cutmix3_fresh_longer_hidden`: `cutmix_fresh_longer_hidden` with three
   CutMix images per training image, so the same steps see more distinct
   inputs.
+- `cutmix_ods_fresh_longer_hidden`: `cutmix_fresh_longer_hidden` with an
+  ODS step (0.1) from each CutMix image, towards where the members differ.
 - `cutmix_fresh_longer_shallow`: `cutmix_fresh_longer_hidden` sharing only
   the first layer (784-512 body), so each head's 128-unit layer works on
   less processed features.
@@ -105,9 +107,9 @@ class Variant:
     Args:
         temperature: float, the `HydraKL` temperature of both phases.
         head_hidden: tuple of ints, hidden layer sizes inside each head.
-        augment: `None`, `"mixup"`, `"cutmix"`, `"noise"` or `"ods"`: extra
-            transfer inputs, one per training image, whose teacher targets are
-            cached once.
+        augment: `None`, `"mixup"`, `"cutmix"`, `"noise"`, `"ods"` or
+            `"cutmix_ods"`: extra transfer inputs, `copies` per training
+            image, whose teacher targets are cached once.
         copies: int, how many augmented inputs per training image.
         noise_stddev: float, standard deviation of the `"noise"` inputs.
         ods_step: float, step size of the `"ods"` inputs
@@ -180,6 +182,9 @@ VARIANTS = {
     ),
     "cutmix3_fresh_longer_hidden": dataclasses.replace(
         _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(128,), copies=3
+    ),
+    "cutmix_ods_fresh_longer_hidden": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(128,), augment="cutmix_ods"
     ),
     "cutmix_fresh_longer_shallow": dataclasses.replace(
         _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(128,), body=(512,)
@@ -334,9 +339,11 @@ def train_ensemble(x, y, config: ClassificationConfig) -> list[keras.Model]:
 
 
 def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int, members=None):
-    """One augmented input per row of `x`: `"mixup"`, `"cutmix"`, `"noise"`, `"ods"`.
+    """One augmented input per row of `x`.
 
-    `"ods"` needs the teacher's `members`.
+    `kind` is `"mixup"`, `"cutmix"`, `"noise"`, `"ods"` or `"cutmix_ods"`
+    (an ODS step from a CutMix image); the ODS kinds need the teacher's
+    `members`.
     """
     if kind == "mixup":
         return transfer.mixup(x, seed=seed)
@@ -346,12 +353,15 @@ def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int, member
         rng = np.random.default_rng(seed)
         noisy = x + rng.normal(0.0, variant.noise_stddev, x.shape).astype("float32")
         return np.clip(noisy, 0.0, 1.0)
-    if kind == "ods":
+    if kind in ("ods", "cutmix_ods"):
+        if kind == "cutmix_ods":
+            x = transfer.cutmix(x, image_shape=(28, 28), seed=seed)
         return transfer.diversified(
             members, x, variant.ods_step, clip=(0.0, 1.0), seed=seed
         )
     raise ValueError(
-        f"Unknown augmentation {kind!r}; use 'mixup', 'cutmix', 'noise' or 'ods'."
+        f"Unknown augmentation {kind!r}; use 'mixup', 'cutmix', 'noise', 'ods' "
+        "or 'cutmix_ods'."
     )
 
 
