@@ -60,6 +60,10 @@ change only how the Hydra is distilled:
 - `cutmix_fresh_longer_shallow`: `cutmix_fresh_longer_hidden` sharing only
   the first layer (784-512 body), so each head's 128-unit layer works on
   less processed features.
+- `cutmix_fresh_longest_shallow`: the same with eight times phase 2's steps.
+- `cutmix_fresh_longer_shallow_512`: `cutmix_fresh_longer_shallow` with
+  512-unit heads: each head is a member's second layer, only the first is
+  shared (2.2 times fewer FLOPs than the ensemble, not 5).
 
 Variants on a larger transfer set run proportionally fewer epochs, so every
 variant takes about the same number of optimizer steps, except the longer
@@ -188,6 +192,12 @@ VARIANTS = {
     ),
     "cutmix_fresh_longer_shallow": dataclasses.replace(
         _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(128,), body=(512,)
+    ),
+    "cutmix_fresh_longest_shallow": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=8.0, head_hidden=(128,), body=(512,)
+    ),
+    "cutmix_fresh_longer_shallow_512": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(512,), body=(512,)
     ),
 }
 
