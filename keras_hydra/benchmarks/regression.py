@@ -91,6 +91,9 @@ VARIANTS = {
     "augment_longer_wide": Student(augment=4, epochs=6.0, decay=True, body=(100, 100)),
     "augment_long_wider": Student(augment=4, epochs=3.0, decay=True, body=(200, 200)),
     "augment_long_widest": Student(augment=4, epochs=3.0, decay=True, body=(400, 400)),
+    "augment_longer_widest": Student(
+        augment=4, epochs=6.0, decay=True, body=(400, 400)
+    ),
 }
 
 
