@@ -74,8 +74,8 @@ and as many steps as its Hydra, so the two differ only in their heads.
 One-seed screens (seed 0, M = 10), each run beside the default (MNIST AUROC
 by mutual information / Hydra's mean MI on MNIST over the ensemble's / MNIST
 MI Spearman): the default 0.897-0.898 / 0.56-0.57 / 0.77-0.79;
-`cutmix_fresh_x16_hidden` 0.906 / 0.70 / 0.78 (as `_longest` at 8x: the
-ratio stops rising); `cutmix_fresh_longer_hidden_t1` 0.895 / 0.53 /
+`cutmix_fresh_x16_hidden` 0.906 / 0.70 / 0.78 (8x gave 0.904 / 0.70 / 0.80
+on that seed in an earlier run); `cutmix_fresh_longer_hidden_t1` 0.895 / 0.53 /
 0.76; `cutmix3_fresh_longer_hidden` 0.906 / 0.59 / 0.75;
 `cutmix_ods_fresh_longer_hidden` 0.900 / 0.54 / 0.71;
 `cutmix_fresh_longer_shallow` 0.896 / 0.59 / 0.80;
