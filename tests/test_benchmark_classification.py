@@ -165,11 +165,32 @@ def test_augment_inputs_stay_in_range():
     x = np.random.default_rng(0).uniform(0, 1, (20, 784)).astype("float32")
     variant = classification.Variant()
     members = [keras.Sequential([keras.layers.Dense(10)]) for _ in range(3)]
-    for kind in ("mixup", "cutmix", "noise", "ods"):
+    for kind in ("mixup", "cutmix", "noise", "ods", "cutmix_ods"):
         augmented = classification.augment_inputs(x, kind, variant, 0, members)
         assert augmented.shape == x.shape and augmented.dtype == np.float32
         assert augmented.min() >= 0.0 and augmented.max() <= 1.0
         assert not np.allclose(augmented, x)
+    # An ODS step from the CutMix image of the same seed: at most one step away.
+    mixed = classification.augment_inputs(x, "cutmix", variant, 0)
+    moved = classification.augment_inputs(x, "cutmix_ods", variant, 0, members)
+    assert np.abs(moved - mixed).max() <= variant.ods_step + 1e-6
+    assert not np.allclose(moved, mixed)
+    with pytest.raises(ValueError, match="Unknown augmentation 'blur'"):
+        classification.augment_inputs(x, "blur", variant, 0)
+
+
+def test_augmented_copies_are_distinct_draws():
+    x = np.random.default_rng(0).uniform(0, 1, (20, 784)).astype("float32")
+    variant = classification.Variant(augment="cutmix", copies=3)
+    copies = classification.augmented_copies(x, variant, 7)
+    assert copies.shape == (60, 784)
+    np.testing.assert_array_equal(
+        copies[:20], classification.augment_inputs(x, "cutmix", variant, 7)
+    )
+    np.testing.assert_array_equal(
+        copies[40:], classification.augment_inputs(x, "cutmix", variant, 207)
+    )
+    assert not np.allclose(copies[:20], copies[20:40])
 
 
 def test_extra_ood_rejects_bad_files(tmp_path):

@@ -362,6 +362,22 @@ def train_ensemble(x, y, config: ClassificationConfig) -> list[keras.Model]:
     return members
 
 
+def augmented_copies(
+    x: np.ndarray, variant: Variant, seed: int, members=None
+) -> np.ndarray:
+    """`variant.copies` augmented inputs per row of `x`, copy `c` seeded `seed + 100 c`.
+
+    Returns:
+        Array `[copies * N, ...]`: the first copy of every row, then the second...
+    """
+    return np.concatenate(
+        [
+            augment_inputs(x, variant.augment, variant, seed + 100 * c, members)
+            for c in range(variant.copies)
+        ]
+    )
+
+
 def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int, members=None):
     """One augmented input per row of `x`.
 
@@ -861,14 +877,7 @@ def run(
         """Training images plus the variant's extra inputs, with targets."""
         key = (variant.augment, variant.copies) if variant.augment else None
         if key not in transfer:
-            extra = np.concatenate(
-                [
-                    augment_inputs(
-                        x, variant.augment, variant, config.seed + 7 + 100 * c, members
-                    )
-                    for c in range(variant.copies)
-                ]
-            )
+            extra = augmented_copies(x, variant, config.seed + 7, members)
             extra_targets = teacher.predict(members, extra, batch_size=2048)
             transfer[key] = (
                 np.concatenate([x, extra]),
