@@ -121,13 +121,9 @@ class HydraHeads(keras.layers.Layer):
             # Forward + backward measured 1.2x (M = 10) to 1.45x (M = 50)
             # faster than a [d, M*h] first layer followed by
             # einsum("bmh,mhk->bmk").
-            x = features[None]
-            for i, (kernel, bias) in enumerate(
-                zip(self.kernels, self.biases, strict=True)
-            ):
-                if i:
-                    x = self.activation(x)
-                x = ops.matmul(x, kernel) + bias[:, None, :]
+            x = ops.matmul(features[None], self.kernels[0]) + self.biases[0][:, None]
+            for kernel, bias in zip(self.kernels[1:], self.biases[1:], strict=True):
+                x = ops.matmul(self.activation(x), kernel) + bias[:, None]
             return ops.transpose(x, (1, 0, 2))
         # Linear heads: one [d, M*k] matmul, measured faster than the batched
         # form and than einsum("bd,mdk->bmk"), which copies the features.

@@ -413,9 +413,9 @@ def run(config: SpeedConfig, out: str | None = None) -> dict:
     keras.utils.set_random_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     single_peak = peak_memory_mb(config, 1)
+    body, head = flops(config)
     per_m = {}
     for num_heads in config.num_heads:
-        body, head = flops(config)
         row = {
             "flop_ratio": flop_ratio(config, num_heads),
             "step_flop_ratio": (body + num_heads * head) / (body + head),
