@@ -161,6 +161,21 @@ def test_member_kl_matrix_finds_own_members():
     np.testing.assert_allclose(kl[2, 1], expected, rtol=1e-4)
 
 
+def test_disagreement_weights_follow_mutual_information():
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(0, 2, (30, 4, 5)).astype("float32")
+    p = np.exp(teacher) / np.exp(teacher).sum(-1, keepdims=True)
+    mean = p.mean(axis=1)
+    info = -np.sum(mean * np.log(mean), -1) + np.mean(np.sum(p * np.log(p), -1), 1)
+    expected = 1.0 + 2.0 * info / info.mean()
+    weights = classification.disagreement_weights(teacher, 2.0)
+    np.testing.assert_allclose(weights, expected / expected.mean(), rtol=1e-4)
+    agreeing = np.repeat(teacher[:, :1], 4, axis=1)
+    np.testing.assert_allclose(
+        classification.disagreement_weights(agreeing, 2.0), 1.0, atol=1e-2
+    )
+
+
 def test_augment_inputs_stay_in_range():
     x = np.random.default_rng(0).uniform(0, 1, (20, 784)).astype("float32")
     variant = classification.Variant()

@@ -141,6 +141,10 @@ class Variant:
         fresh_heads: bool, whether `add_heads` draws the heads fresh
             (`copy_head=False`) instead of copying the phase-1 head.
         phase2_multiplier: float, multiplier of phase 2's optimizer steps.
+        mi_weight: float, phase 2 weighs each transfer input by
+            `1 + mi_weight * I(x) / mean(I)`, with `I` the teacher's mutual
+            information (`disagreement_weights`), so the heads spend more of
+            their capacity where the members disagree.
         body: tuple of ints, the Hydra's body; empty for the members' hidden
             layers (`ClassificationConfig.hidden`).
     """
@@ -155,6 +159,7 @@ class Variant:
     head_diversity: float = 0.0
     fresh_heads: bool = False
     phase2_multiplier: float = 1.0
+    mi_weight: float = 0.0
     body: tuple = ()
 
 
@@ -212,6 +217,12 @@ VARIANTS = {
     ),
     "cutmix_fresh_longer_shallow_512": dataclasses.replace(
         _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(512,), body=(512,)
+    ),
+    "cutmix_fresh_longest_shallow_512": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=8.0, head_hidden=(512,), body=(512,)
+    ),
+    "cutmix_fresh_longer_hidden_miw": dataclasses.replace(
+        _CUTMIX_FRESH, phase2_multiplier=4.0, head_hidden=(128,), mi_weight=2.0
     ),
 }
 
@@ -413,10 +424,33 @@ def _student(body, head_hidden, name):
     )
 
 
-def _fit(model, x, targets, epochs, config):
+def _fit(model, x, targets, epochs, config, sample_weight=None):
     model.fit(
-        x, targets, epochs=epochs, batch_size=config.batch_size, shuffle=True, verbose=0
+        x,
+        targets,
+        sample_weight=sample_weight,
+        epochs=epochs,
+        batch_size=config.batch_size,
+        shuffle=True,
+        verbose=0,
     )
+
+
+def disagreement_weights(targets: np.ndarray, strength: float) -> np.ndarray:
+    """Per-example weights `1 + strength * I / mean(I)`, scaled to mean 1.
+
+    Args:
+        targets: teacher logits `[N, M, K]`.
+        strength: float >= 0.
+
+    Returns:
+        float32 `[N]`; `I` is the members' mutual information at each input.
+    """
+    info = np.asarray(uncertainty.categorical(targets)["epistemic_uncertainty"])
+    # Float noise in I reaches 1e-6 nats; the floor keeps it from weighting
+    # members that all agree.
+    weights = 1.0 + strength * info / max(float(info.mean()), 1e-3)
+    return (weights / weights.mean()).astype("float32")
 
 
 def train_kd(
@@ -476,7 +510,10 @@ def train_hydra(
             kernel.regularizer = regularizers.HeadDiversity(variant.head_diversity)
     if variant.reset_optimizer:
         compile_hydra()
-    _fit(hydra, x, targets, epochs2, config)
+    weights = None
+    if variant.mi_weight:
+        weights = disagreement_weights(targets, variant.mi_weight)
+    _fit(hydra, x, targets, epochs2, config, sample_weight=weights)
     return hydra
 
 
