@@ -64,6 +64,12 @@ change only how the Hydra is distilled:
 - `cutmix_fresh_longer_shallow_512`: `cutmix_fresh_longer_shallow` with
   512-unit heads: each head is a member's second layer, only the first is
   shared (2.2 times fewer FLOPs than the ensemble, not 5).
+- `cutmix_fresh_longest_shallow_512`: the same with eight times phase 2's
+  steps.
+- `cutmix_fresh_longer_hidden_miw`: `cutmix_fresh_longer_hidden` with
+  phase 2's transfer inputs weighted by the members' mutual information
+  (`mi_weight=2`: `1 + 2 I(x) / mean(I)`, scaled to mean 1), so the heads fit
+  best where the members disagree.
 
 Variants on a larger transfer set run proportionally fewer epochs, so every
 variant takes about the same number of optimizer steps, except the longer
