@@ -41,3 +41,24 @@ def test_regression_benchmark_writes_every_metric(tmp_path, capsys):
 def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match=r"Unknown student variant\(s\) \['big'\]"):
         regression.RegressionConfig(variants=("plain", "big"))
+
+
+def test_clipnorm_reaches_the_students(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2))
+    data = np.column_stack([x, x @ [1.0, -2.0] + rng.normal(0, 0.3, 40)])
+    write_uci(tmp_path / "toy", data, train=range(30), test=range(30, 40))
+    monkeypatch.setitem(
+        regression.VARIANTS, "clipped", regression.Student(clipnorm=1e-6)
+    )
+
+    def students(variant):
+        config = regression.RegressionConfig(members=2, epochs=3, variants=(variant,))
+        return regression.run_split(str(tmp_path / "toy"), 0, config)[variant]
+
+    # Same seed, same initial weights: runs repeat exactly unless clipped.
+    plain = students("plain")
+    assert students("plain") == plain
+    clipped = students("clipped")
+    for method in ("hydra", "kd"):
+        assert clipped[method]["nll"] != plain[method]["nll"]

@@ -72,6 +72,8 @@ class Student:
         head_hidden: hidden units of each head.
         expansion_noise: standard deviation of the noise `add_heads` adds
             to the copied head.
+        clipnorm: if set, the students' Adam clips the global norm of each
+            step's gradient to this value (`global_clipnorm`).
     """
 
     augment: int = 0
@@ -81,6 +83,7 @@ class Student:
     body: tuple = (50, 50)
     head_hidden: tuple = ()
     expansion_noise: float = 0.0
+    clipnorm: float | None = None
 
 
 VARIANTS = {
@@ -97,6 +100,9 @@ VARIANTS = {
     "augment_long_widest": Student(augment=4, epochs=3.0, decay=True, body=(400, 400)),
     "augment_longer_widest": Student(
         augment=4, epochs=6.0, decay=True, body=(400, 400)
+    ),
+    "augment_longer_widest_clip": Student(
+        augment=4, epochs=6.0, decay=True, body=(400, 400), clipnorm=1.0
     ),
 }
 
@@ -188,10 +194,14 @@ def run_split(root: str, split_index: int, config: RegressionConfig) -> dict:
     x, y = split.x_train, split.y_train
     batch_size, epochs = config.schedule(len(x))
 
-    def compiled(body, head, loss, name, num_heads=1, learning_rate=None):
+    def compiled(
+        body, head, loss, name, num_heads=1, learning_rate=None, clipnorm=None
+    ):
         model = HydraModel(body, head, num_heads=num_heads, name=name)
         model.compile(
-            keras.optimizers.Adam(learning_rate or config.learning_rate),
+            keras.optimizers.Adam(
+                learning_rate or config.learning_rate, global_clipnorm=clipnorm
+            ),
             loss,
             steps_per_execution=_STEPS_PER_EXECUTION,
         )
@@ -232,6 +242,7 @@ def run_split(root: str, split_index: int, config: RegressionConfig) -> dict:
                 losses.DistributionKL("Normal"),
                 model_name,
                 learning_rate=learning_rate,
+                clipnorm=student.clipnorm,
             )
             for model_name in ("hydra", "kd")
         )
