@@ -33,11 +33,12 @@ ensemble's and Boston's Hydra NLL gap below KD's (+0.013 vs +0.043); on
 Concrete it took `augment_longer_widest` (-0.010 vs +0.044; `_long_widest`:
 +0.018 vs +0.001). `augment_longer_widest` met every goal on all 20 splits
 of all seven sets, Naval with `augment_longer_widest_clip`: unclipped, 3 of
-its 20 student runs diverged. The clip at 1 is not free: on Concrete it gave
-+0.057 vs KD +0.026, mostly from split 6, whose Hydra gap swings by a nat
-between runs (-0.328 unclipped, +0.685 clipped). `augment_longer_widest_clip10`
-only catches spikes: it kept Naval's three diverging runs (splits 6-8) at the
-clipped values, and a screen of Concrete splits is in the README.
+the 20 student runs on its splits 0-9 diverged. The clip at 1 is not free:
+on Concrete it gave +0.057 vs KD +0.026, mostly from split 6, whose Hydra
+gap swings by a nat between runs (-0.328 unclipped, +0.685 clipped).
+`augment_longer_widest_clip10` only catches spikes: it kept Naval's three
+diverging runs (splits 6-8) at the clipped values; a screen of Concrete
+splits is in the README.
 """
 
 from __future__ import annotations
