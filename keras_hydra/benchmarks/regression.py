@@ -37,8 +37,8 @@ the 20 student runs on its splits 0-9 diverged. The clip at 1 is not free:
 on Concrete it gave +0.057 vs KD +0.026, mostly from split 6, whose Hydra
 gap swings by a nat between runs (-0.328 unclipped, +0.685 clipped).
 `augment_longer_widest_clip10` only catches spikes: it kept Naval's three
-diverging runs (splits 6-8) at the clipped values; a screen of Concrete
-splits is in the README.
+diverging runs (splits 6-8) at the clipped values, and on all 20 Concrete
+splits it gave +0.009 vs KD +0.027.
 """
 
 from __future__ import annotations
