@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import keras
 import numpy as np
@@ -93,6 +93,8 @@ class Student:
     clipnorm: float | None = None
 
 
+_LONGER_WIDEST = Student(augment=4, epochs=6.0, decay=True, body=(400, 400))
+
 VARIANTS = {
     "plain": Student(),
     "augment": Student(augment=4),
@@ -105,15 +107,9 @@ VARIANTS = {
     "augment_longer_wide": Student(augment=4, epochs=6.0, decay=True, body=(100, 100)),
     "augment_long_wider": Student(augment=4, epochs=3.0, decay=True, body=(200, 200)),
     "augment_long_widest": Student(augment=4, epochs=3.0, decay=True, body=(400, 400)),
-    "augment_longer_widest": Student(
-        augment=4, epochs=6.0, decay=True, body=(400, 400)
-    ),
-    "augment_longer_widest_clip": Student(
-        augment=4, epochs=6.0, decay=True, body=(400, 400), clipnorm=1.0
-    ),
-    "augment_longer_widest_clip10": Student(
-        augment=4, epochs=6.0, decay=True, body=(400, 400), clipnorm=10.0
-    ),
+    "augment_longer_widest": _LONGER_WIDEST,
+    "augment_longer_widest_clip": replace(_LONGER_WIDEST, clipnorm=1.0),
+    "augment_longer_widest_clip10": replace(_LONGER_WIDEST, clipnorm=10.0),
 }
 
 
