@@ -67,15 +67,7 @@ def cutmix(
     ((2, 16), True)
     """
     x = np.asarray(x, "float32")
-    images = x if image_shape is None else x.reshape(len(x), *image_shape)
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4:
-        raise ValueError(
-            "cutmix expects images [N, height, width, channels] or flat rows "
-            f"with `image_shape`; received shape {x.shape} and image_shape="
-            f"{image_shape}."
-        )
+    images = _images(x, image_shape, "cutmix")
     order = np.random.default_rng(seed).permutation(len(images))
     layer = keras.layers.CutMix(seed=seed)
     mixed = np.empty_like(images)
@@ -83,6 +75,82 @@ def cutmix(
         index = order[start : start + batch_size]
         mixed[index] = keras.ops.convert_to_numpy(layer(images[index]))
     return mixed.reshape(x.shape)
+
+
+def affine(
+    x: np.ndarray,
+    image_shape: Sequence[int] | None = None,
+    zoom: tuple[float, float] = (0.0, 0.6),
+    translation: float = 0.15,
+    rotation: float = 0.05,
+    seed: int | None = None,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """One randomly zoomed, shifted and rotated input per row.
+
+    `keras.layers.RandomZoom`, `RandomTranslation` and `RandomRotation` do the
+    work, filling uncovered pixels with zeros. With the default zoom, which
+    only zooms out, objects shrink to between 1/1.6 of their size and their
+    full size and move off the centre: shapes, scales and positions that the
+    training images rarely show.
+
+    Args:
+        x: images `[N, height, width, channels]`, or flat rows `[N, D]` with
+            `image_shape`.
+        image_shape: `(height, width)` or `(height, width, channels)` of the
+            flat rows; `None` when `x` is already images.
+        zoom: `(low, high)` zoom factors, as `keras.layers.RandomZoom`'s
+            `height_factor`: positive values zoom out, negative values zoom
+            in.
+        translation: float, the largest shift, as a fraction of the height
+            and of the width.
+        rotation: float, the largest rotation, as a fraction of a full turn.
+        seed: optional int seed of the transformations.
+        batch_size: int, rows per call of the layers.
+
+    Returns:
+        Float32 array shaped like `x`.
+
+    Example:
+
+    >>> x = np.ones((2, 8, 8, 1), "float32")
+    >>> shrunk = affine(x, zoom=(1.0, 1.0), translation=0.0, rotation=0.0)
+    >>> shrunk.shape, int((shrunk[0, ..., 0] > 0.5).sum())
+    ((2, 8, 8, 1), 16)
+    """
+    x = np.asarray(x, "float32")
+    images = _images(x, image_shape, "affine")
+    seeds = [None] * 3 if seed is None else [seed, seed + 1, seed + 2]
+    layers = keras.Sequential(
+        [
+            keras.layers.RandomZoom(zoom, fill_mode="constant", seed=seeds[0]),
+            keras.layers.RandomTranslation(
+                translation, translation, fill_mode="constant", seed=seeds[1]
+            ),
+            keras.layers.RandomRotation(rotation, fill_mode="constant", seed=seeds[2]),
+        ]
+    )
+    moved = np.empty_like(images)
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        moved[start : start + batch_size] = keras.ops.convert_to_numpy(
+            layers(batch, training=True)
+        )
+    return moved.reshape(x.shape)
+
+
+def _images(x: np.ndarray, image_shape, name: str) -> np.ndarray:
+    """`x` as images `[N, height, width, channels]`."""
+    images = x if image_shape is None else x.reshape(len(x), *image_shape)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(
+            f"{name} expects images [N, height, width, channels] or flat rows "
+            f"with `image_shape`; received shape {x.shape} and image_shape="
+            f"{image_shape}."
+        )
+    return images
 
 
 def diversified(

@@ -180,7 +180,7 @@ def test_augment_inputs_stay_in_range():
     x = np.random.default_rng(0).uniform(0, 1, (20, 784)).astype("float32")
     variant = classification.Variant()
     members = [keras.Sequential([keras.layers.Dense(10)]) for _ in range(3)]
-    for kind in ("mixup", "cutmix", "noise", "ods", "cutmix_ods"):
+    for kind in ("mixup", "cutmix", "affine", "noise", "ods", "cutmix_ods"):
         augmented = classification.augment_inputs(x, kind, variant, 0, members)
         assert augmented.shape == x.shape and augmented.dtype == np.float32
         assert augmented.min() >= 0.0 and augmented.max() <= 1.0
@@ -206,6 +206,13 @@ def test_augmented_copies_are_distinct_draws():
         copies[40:], classification.augment_inputs(x, "cutmix", variant, 207)
     )
     assert not np.allclose(copies[:20], copies[20:40])
+    # Several kinds: one block per kind within each copy, seeds counting on.
+    variant = classification.Variant(augment=("cutmix", "affine"), copies=2)
+    blocks = classification.augmented_copies(x, variant, 7).reshape(4, 20, 784)
+    for j, kind in enumerate(["cutmix", "affine"] * 2):
+        np.testing.assert_array_equal(
+            blocks[j], classification.augment_inputs(x, kind, variant, 7 + 100 * j)
+        )
 
 
 def test_extra_ood_rejects_bad_files(tmp_path):

@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import numpy as np
@@ -62,3 +63,56 @@ def test_clipnorm_reaches_the_students(tmp_path, monkeypatch):
     clipped = students("clipped")
     for method in ("hydra", "kd"):
         assert clipped[method]["nll"] != plain[method]["nll"]
+
+
+def test_saved_splits_are_reused_and_split_ranges_fill_them(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2))
+    data = np.column_stack([x, x @ [1.0, -2.0] + rng.normal(0, 0.3, 40)])
+    root = tmp_path / "data" / "toy"
+    write_uci(root, data, train=range(30), test=range(30, 40), splits="3")
+    for split in (1, 2):
+        order = rng.permutation(40)
+        (root / f"index_train_{split}.txt").write_text("\n".join(map(str, order[:30])))
+        (root / f"index_test_{split}.txt").write_text("\n".join(map(str, order[30:])))
+    config = regression.RegressionConfig(members=2, epochs=3)
+    args = (str(tmp_path / "data"), ["toy"], str(tmp_path / "out"))
+    ran = []
+    run_split = regression.run_split
+
+    def counted(root, index, config):
+        ran.append(index)
+        return run_split(root, index, config)
+
+    monkeypatch.setattr(regression, "run_split", counted)
+    assert regression.run(*args, config=config, split_range=(1, 5)) is None
+    assert ran == [1, 2] and not (tmp_path / "out" / "results.json").exists()
+    results = regression.run(*args, config=config)
+    assert ran == [1, 2, 0]
+    # The same call again runs nothing and gives the same results.
+    again = regression.run(*args, config=config)
+    for entry in (again, results):
+        del entry["datasets"]["toy"]["seconds"]
+    assert again == results
+    assert ran == [1, 2, 0]
+    per_split = results["datasets"]["toy"]["methods"]["hydra"]["nll"]["per_split"]
+    assert len(per_split) == 3
+    # Saved splits match a fresh run of the same split.
+    fresh = run_split(str(root), 2, config)
+    assert per_split[2] == fresh["plain"]["hydra"]["nll"]
+    # Another config runs every split again.
+    regression.run(*args, config=regression.RegressionConfig(members=2, epochs=2))
+    assert ran == [1, 2, 0, 0, 1, 2]
+    with pytest.raises(ValueError, match=r"split_range.*Received: \(3, 3\)"):
+        regression.run(*args, config=config, split_range=(3, 3))
+
+
+def test_split_range_argument(capsys):
+    parser = argparse.ArgumentParser()
+    regression.add_arguments(parser)
+    base = ["--data-dir", "d", "--dataset", "toy", "--out", "o"]
+    assert parser.parse_args(base).split_range is None
+    assert parser.parse_args([*base, "--split-range", "10:20"]).split_range == (10, 20)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--split-range", "10"])
+    assert "expected START:STOP, e.g. 0:10; received '10'" in capsys.readouterr().err

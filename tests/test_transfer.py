@@ -59,6 +59,43 @@ def test_cutmix_rejects_rows_without_image_shape():
         transfer.cutmix(np.zeros((4, 12), "float32"))
 
 
+def test_affine_zoom_out_shrinks_a_square_about_the_centre():
+    # Zooming out by f scales the image by 1 / (1 + f) about its centre.
+    x = np.ones((3, 28 * 28), "float32")
+    shrunk = transfer.affine(
+        x, image_shape=(28, 28), zoom=(1.0, 1.0), translation=0.0, rotation=0.0
+    )
+    box = np.zeros((28, 28), bool)
+    box[7:21, 7:21] = True
+    for image in shrunk.reshape(3, 28, 28):
+        np.testing.assert_array_equal(image > 0.5, box)
+        assert image.min() >= 0.0 and image.max() <= 1.0 + 1e-6
+
+
+def test_affine_shifts_and_turns_rows_independently_and_reproducibly():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (50, 12, 12, 1)).astype("float32")
+    still = transfer.affine(x, zoom=(0.0, 0.0), translation=0.0, rotation=0.0)
+    np.testing.assert_allclose(still, x, atol=1e-5)
+    moved = transfer.affine(x, seed=3, batch_size=16)
+    assert moved.shape == x.shape and moved.dtype == np.float32
+    # Each row keeps at most its own mass (a zoom-out only shrinks it), and
+    # the rows move by different amounts.
+    mass = x.sum(axis=(1, 2, 3))
+    assert np.all(moved.sum(axis=(1, 2, 3)) <= mass * 1.01)
+    assert np.ptp(moved.sum(axis=(1, 2, 3)) / mass) > 0.1
+    np.testing.assert_array_equal(transfer.affine(x, seed=3, batch_size=16), moved)
+    flat = transfer.affine(
+        x.reshape(50, 144), image_shape=(12, 12), seed=3, batch_size=16
+    )
+    np.testing.assert_array_equal(flat.reshape(moved.shape), moved)
+
+
+def test_affine_rejects_rows_without_image_shape():
+    with pytest.raises(ValueError, match=r"affine expects images .* \(4, 12\)"):
+        transfer.affine(np.zeros((4, 12), "float32"))
+
+
 def test_diversified_matches_numpy_gradient_step():
     members = linear_members()
     x = np.random.default_rng(1).uniform(size=(10, 6)).astype("float32")

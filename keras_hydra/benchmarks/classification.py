@@ -134,10 +134,11 @@ class Variant:
     Args:
         temperature: float, the `HydraKL` temperature of both phases.
         head_hidden: tuple of ints, hidden layer sizes inside each head.
-        augment: `None`, `"mixup"`, `"cutmix"`, `"noise"`, `"ods"` or
-            `"cutmix_ods"`: extra transfer inputs, `copies` per training
-            image, whose teacher targets are cached once.
-        copies: int, how many augmented inputs per training image.
+        augment: `None`, one of `"mixup"`, `"cutmix"`, `"affine"`,
+            `"noise"`, `"ods"` and `"cutmix_ods"`, or a tuple of them: extra
+            transfer inputs, one per training image and kind, `copies`
+            times, whose teacher targets are cached once.
+        copies: int, how many times each kind of augmented input is drawn.
         noise_stddev: float, standard deviation of the `"noise"` inputs.
         ods_step: float, step size of the `"ods"` inputs
             (`keras_hydra.transfer.diversified`).
@@ -160,7 +161,7 @@ class Variant:
 
     temperature: float = 2.0
     head_hidden: tuple = ()
-    augment: str | None = None
+    augment: str | tuple | None = None
     copies: int = 1
     noise_stddev: float = 0.3
     ods_step: float = 0.1
@@ -385,15 +386,20 @@ def train_ensemble(x, y, config: ClassificationConfig) -> list[keras.Model]:
 def augmented_copies(
     x: np.ndarray, variant: Variant, seed: int, members=None
 ) -> np.ndarray:
-    """`variant.copies` augmented inputs per row of `x`, copy `c` seeded `seed + 100 c`.
+    """`variant.copies` augmented inputs per row of `x` and kind of augmentation.
+
+    The `j`-th block, kinds cycling within each copy, is seeded `seed + 100 j`.
 
     Returns:
-        Array `[copies * N, ...]`: the first copy of every row, then the second...
+        Array `[copies * kinds * N, ...]`: the first block for every row, then
+        the second...
     """
+    kinds = variant.augment
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     return np.concatenate(
         [
-            augment_inputs(x, variant.augment, variant, seed + 100 * c, members)
-            for c in range(variant.copies)
+            augment_inputs(x, kind, variant, seed + 100 * j, members)
+            for j, kind in enumerate(kinds * variant.copies)
         ]
     )
 
@@ -401,14 +407,16 @@ def augmented_copies(
 def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int, members=None):
     """One augmented input per row of `x`.
 
-    `kind` is `"mixup"`, `"cutmix"`, `"noise"`, `"ods"` or `"cutmix_ods"`
-    (an ODS step from a CutMix image); the ODS kinds need the teacher's
-    `members`.
+    `kind` is `"mixup"`, `"cutmix"`, `"affine"` (`transfer.affine`'s random
+    zoom-out, shift and rotation), `"noise"`, `"ods"` or `"cutmix_ods"` (an
+    ODS step from a CutMix image); the ODS kinds need the teacher's `members`.
     """
     if kind == "mixup":
         return transfer.mixup(x, seed=seed)
     if kind == "cutmix":
         return transfer.cutmix(x, image_shape=(28, 28), seed=seed)
+    if kind == "affine":
+        return transfer.affine(x, image_shape=(28, 28), seed=seed)
     if kind == "noise":
         rng = np.random.default_rng(seed)
         noisy = x + rng.normal(0.0, variant.noise_stddev, x.shape).astype("float32")
@@ -420,8 +428,8 @@ def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int, member
             members, x, variant.ods_step, clip=(0.0, 1.0), seed=seed
         )
     raise ValueError(
-        f"Unknown augmentation {kind!r}; use 'mixup', 'cutmix', 'noise', 'ods' "
-        "or 'cutmix_ods'."
+        f"Unknown augmentation {kind!r}; use 'mixup', 'cutmix', 'affine', "
+        "'noise', 'ods' or 'cutmix_ods'."
     )
 
 

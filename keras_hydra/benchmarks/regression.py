@@ -43,6 +43,7 @@ splits it gave +0.009 vs KD +0.027.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -316,14 +317,41 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cached_split(out: str, dataset: str, root: str, index: int, config) -> dict:
+    """`run_split`'s result, saved in `out/splits/` and reused when there.
+
+    A saved split is reused only if it was run with an equal `config`;
+    otherwise it is run again and overwritten.
+    """
+    path = os.path.join(out, "splits", dataset, f"{index}.json")
+    settings = json.loads(json.dumps(asdict(config)))
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["config"] == settings:
+            return saved["result"]
+    result = run_split(root, index, config)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"config": settings, "result": result}, f)
+    os.replace(path + ".tmp", path)  # a killed run leaves no partial file
+    return result
+
+
 def run(
     data_dir: str,
     datasets: list[str],
     out: str,
     splits: int | None = None,
     config: RegressionConfig | None = None,
-) -> dict:
+    split_range: tuple[int, int] | None = None,
+) -> dict | None:
     """Runs the benchmark and writes `out/results.json` and `out/table.md`.
+
+    Each split's result is saved under `out/splits/` as it finishes, so the
+    same call again (say, after a crash) runs only the missing splits. To
+    spread one benchmark over several processes, give each a `split_range`
+    and the same `out`, then run once more without one to write the results.
 
     Args:
         data_dir: folder holding one sub-folder per UCI set.
@@ -331,11 +359,20 @@ def run(
         out: output folder.
         splits: number of splits per set (default: all of them).
         config: a `RegressionConfig`.
+        split_range: optional `(start, stop)`: run and save only splits
+            `start` to `stop - 1` (of those `splits` selects) and write no
+            results.
 
     Returns:
-        The results dict written to `results.json`.
+        The results dict written to `results.json`, or `None` with
+        `split_range`.
     """
     config = config or RegressionConfig()
+    if split_range is not None and not 0 <= split_range[0] < split_range[1]:
+        raise ValueError(
+            f"`split_range` must be (start, stop) with 0 <= start < stop. "
+            f"Received: {split_range}"
+        )
     roots = {name: os.path.join(data_dir, name) for name in datasets}
     for root in roots.values():
         uci.load(root, 0)  # fail on a bad folder before any training
@@ -348,7 +385,11 @@ def run(
             else min(splits, uci.num_splits(root))
         )
         start = time.perf_counter()
-        per_split = [run_split(root, i, config) for i in range(count)]
+        if split_range is not None:
+            for i in range(split_range[0], min(split_range[1], count)):
+                cached_split(out, name, root, i, config)
+            continue
+        per_split = [cached_split(out, name, root, i, config) for i in range(count)]
         results["datasets"][name] = {
             "splits": count,
             "seconds": time.perf_counter() - start,
@@ -359,6 +400,8 @@ def run(
         )
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
+    if split_range is not None:
+        return None
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table(results) + "\n")
     return results
@@ -382,7 +425,25 @@ def add_arguments(parser) -> None:
         help="student variant (repeatable; default: plain); the first fills "
         "methods.hydra and methods.kd",
     )
+    parser.add_argument(
+        "--split-range",
+        type=_split_range,
+        default=None,
+        metavar="START:STOP",
+        help="run and save only these splits, to spread a run over processes; "
+        "then run again without it to write the results",
+    )
     parser.add_argument("--out", required=True, help="output folder")
+
+
+def _split_range(text: str) -> tuple[int, int]:
+    start, _, stop = text.partition(":")
+    try:
+        return int(start), int(stop)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected START:STOP, e.g. 0:10; received {text!r}"
+        ) from None
 
 
 def main(args) -> None:
@@ -396,5 +457,8 @@ def main(args) -> None:
         )
     variants = tuple(args.variant or ("plain",))
     config = RegressionConfig(members=args.members, variants=variants)
-    results = run(args.data_dir, datasets, args.out, args.splits, config)
-    print(table(results))
+    results = run(
+        args.data_dir, datasets, args.out, args.splits, config, args.split_range
+    )
+    if results is not None:
+        print(table(results))
