@@ -29,7 +29,7 @@ def quick_run(tmp_path_factory):
             "--extra-ood",
             f"uniform={out / 'noise.npz'}",
             "--variant",
-            "cutmix_fresh_longer_hidden",
+            "cutmix_affine_x8_shallow",
             "--variant",
             "mixup_reset",
             "--kd-epochs",
@@ -69,22 +69,22 @@ def test_quick_params_and_sizes(quick_run):
     member = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
     assert methods["single"]["params"] == member
     assert methods["ensemble"]["params"] == 3 * member
-    assert methods["kd"]["params"] == member
-    # Hydra (the first variant): the same body and 3 heads of a 128-unit
-    # hidden layer each.
-    body = member - (512 * 10 + 10)
+    # Hydra (the first variant): a 784-512 body and 3 heads of a 128-unit
+    # hidden layer each; KD: the same body and one linear head.
+    body = 784 * 512 + 512
     head = 512 * 128 + 128 + 128 * 10 + 10
     assert methods["hydra"]["params"] == body + 3 * head
+    assert methods["kd"]["params"] == body + 512 * 10 + 10
     assert results["config"]["members"] == 3
     assert results["config"]["seeds"] == 1
     assert results["config"]["kd_epochs"] == 2  # the CLI override
-    # KD distils on the first variant's transfer set (training + CutMix
-    # images), in proportionally fewer epochs.
+    # KD distils on the first variant's transfer set (training, CutMix and
+    # affine images), in proportionally fewer epochs.
     assert results["kd_student"] == {
-        "augment": "cutmix",
+        "augment": ["cutmix", "affine"],
         "copies": 1,
         "epochs": 1,
-        "body": [512, 512],
+        "body": [512],
     }
 
 
@@ -105,13 +105,14 @@ def test_quick_seeds_and_variants(quick_run):
     hydra = results["methods"]["hydra"]
     assert len(hydra["per_seed"]) == 1
     assert hydra["accuracy"] == hydra["per_seed"][0]["accuracy"]
-    assert list(results["variants"]) == ["cutmix_fresh_longer_hidden", "mixup_reset"]
+    assert list(results["variants"]) == ["cutmix_affine_x8_shallow", "mixup_reset"]
     # The first variant is the reported Hydra.
-    first = results["variants"]["cutmix_fresh_longer_hidden"]
+    first = results["variants"]["cutmix_affine_x8_shallow"]
     assert first["hydra"]["nll"] == hydra["nll"]
     assert first["variant"]["fresh_heads"] is True
-    assert first["variant"]["phase2_multiplier"] == 4.0
+    assert first["variant"]["phase2_multiplier"] == 8.0
     assert first["variant"]["head_hidden"] == [128]
+    assert first["variant"]["augment"] == ["cutmix", "affine"]
     mixup = results["variants"]["mixup_reset"]
     assert mixup["variant"]["augment"] == "mixup"
     assert mixup["variant"]["reset_optimizer"] is True

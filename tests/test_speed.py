@@ -61,6 +61,9 @@ def test_ratios_follow_the_measurements(quick):
     assert row["memory_ratio"] == pytest.approx(
         row["hydra_peak_mb"] / row["single_peak_mb"]
     )
+    assert row["memory_ratio_f16"] == pytest.approx(
+        row["hydra_peak_f16_mb"] / row["single_peak_mb"]
+    )
     body, head = speed.flops(speed.SpeedConfig.quick())
     assert row["speedup_over_flop_bound"] == pytest.approx(
         row["body_throughput"] * body / (body + head) / (5 * row["ensemble_throughput"])

@@ -19,7 +19,9 @@ classes) fed synthetic inputs, in one process:
   heads and for heads with one 128-unit hidden layer;
 - parameter counts;
 - peak TensorFlow memory of one distillation epoch (M heads, targets
-  `[N, M, 10]`) and of a single-model epoch (targets `[N, 1, 10]`).
+  `[N, M, 10]`) and of a single-model epoch (targets `[N, 1, 10]`), and of
+  the distillation epoch with float16 targets (`teacher.predict(...,
+  dtype="float16")`).
 
 Timings are medians over repeats after warm-up, the compared calls taking
 turns, of `tf.function`-compiled calls (the train step is Keras's own
@@ -73,6 +75,7 @@ KEYS = (
     "hydra_params",
     "ensemble_params",
     "hydra_peak_mb",
+    "hydra_peak_f16_mb",
     "single_peak_mb",
 )
 RATIOS = (
@@ -85,6 +88,7 @@ RATIOS = (
     "heads_speedup_bound",
     "heads_hidden_speedup_bound",
     "memory_ratio",
+    "memory_ratio_f16",
 )
 
 
@@ -336,28 +340,32 @@ def heads_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
     return results
 
 
-def peak_memory_mb(config: SpeedConfig, num_heads: int) -> float:
+def peak_memory_mb(
+    config: SpeedConfig, num_heads: int, targets_dtype: str = "float32"
+) -> float:
     """Peak memory (MiB) of one training epoch with `num_heads` heads.
 
     Measured in a fresh Python process: the growth of its peak resident set
     size (`VmHWM`) from just after TensorFlow starts to the end of the
     epoch. That covers the inputs and the targets `[N, num_heads, K]` (with
     one head, a single model trained on the ensemble's mean; with M heads,
-    the Hydra's distillation), the model, the optimizer, tracing and the
-    epoch's activations and gradients. RSS varies between identical runs
-    (allocator arenas, thread pools: 147 to 176 MiB here for the same M = 50
-    run, once 455), so this is the median of `config.memory_repeats` runs.
+    the Hydra's distillation), stored as `targets_dtype`, the model, the
+    optimizer, tracing and the epoch's activations and gradients. RSS varies
+    between identical runs (allocator arenas, thread pools: 147 to 176 MiB
+    here for the same M = 50 run, once 455), so this is the median of
+    `config.memory_repeats` runs.
     """
     code = (
         "import json, sys; from keras_hydra.benchmarks import speed; "
-        "print(json.dumps(speed._memory_child(sys.argv[1], int(sys.argv[2]))))"
+        "print(json.dumps(speed._memory_child(sys.argv[1], int(sys.argv[2]), "
+        "sys.argv[3])))"
     )
     config_json = json.dumps(asdict(config))
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     peaks = []
     for _ in range(config.memory_repeats):
         result = subprocess.run(
-            [sys.executable, "-c", code, config_json, str(num_heads)],
+            [sys.executable, "-c", code, config_json, str(num_heads), targets_dtype],
             capture_output=True,
             text=True,
             env=env,
@@ -384,7 +392,7 @@ def _rss_mb(field: str) -> float:
     raise RuntimeError(f"No {field} in /proc/self/status.")
 
 
-def _memory_child(config_json: str, num_heads: int) -> dict:
+def _memory_child(config_json: str, num_heads: int, targets_dtype: str) -> dict:
     """The measurement of `peak_memory_mb`, run inside the fresh process."""
     config = SpeedConfig(**json.loads(config_json))
     if config.threads:
@@ -394,7 +402,8 @@ def _memory_child(config_json: str, num_heads: int) -> dict:
     rng = np.random.default_rng(config.seed)
     n = config.memory_examples
     x = rng.normal(size=(n, config.input_dim)).astype("float32")
-    targets = rng.normal(size=(n, num_heads, config.num_classes)).astype("float32")
+    targets = rng.normal(size=(n, num_heads, config.num_classes))
+    targets = targets.astype(targets_dtype)
     model = _hydra(config, num_heads)
     model.fit(x, targets, batch_size=config.train_batch, epochs=1, verbose=0)
     return {"peak_mb": _rss_mb("VmHWM") - baseline, "baseline_mb": baseline}
@@ -424,6 +433,7 @@ def run(config: SpeedConfig, out: str | None = None) -> dict:
         row.update(train_steps(config, num_heads, rng))
         row.update(heads_steps(config, num_heads, rng))
         row["hydra_peak_mb"] = peak_memory_mb(config, num_heads)
+        row["hydra_peak_f16_mb"] = peak_memory_mb(config, num_heads, "float16")
         row["single_peak_mb"] = single_peak
         row.update(ratios(row, num_heads, body / (body + head)))
         per_m[str(num_heads)] = row
@@ -475,12 +485,13 @@ def ratios(row: dict, num_heads: int = 1, body_share: float = 1.0) -> dict:
     ...            loop_heads_step_s=4.0, vectorized_heads_step_s=1.0,
     ...            loop_heads_hidden_step_s=3.0, vectorized_heads_hidden_step_s=1.0,
     ...            dense_heads_step_s=0.5, dense_heads_hidden_step_s=1.5,
-    ...            hydra_peak_mb=3.0, single_peak_mb=2.0)
+    ...            hydra_peak_mb=3.0, hydra_peak_f16_mb=2.5, single_peak_mb=2.0)
     >>> {k: round(v, 2) for k, v in ratios(row, num_heads=10).items()}
     {'inference_speedup': 9.0, 'speedup_over_flop_ratio': 0.9,
      'speedup_over_flop_bound': 0.95, 'step_ratio': 1.1, 'heads_speedup': 4.0,
      'heads_hidden_speedup': 3.0, 'heads_speedup_bound': 8.0,
-     'heads_hidden_speedup_bound': 2.0, 'memory_ratio': 1.5}
+     'heads_hidden_speedup_bound': 2.0, 'memory_ratio': 1.5,
+     'memory_ratio_f16': 1.25}
     """
     speedup = row["hydra_throughput"] / row["ensemble_throughput"]
     return {
@@ -497,6 +508,7 @@ def ratios(row: dict, num_heads: int = 1, body_share: float = 1.0) -> dict:
         "heads_hidden_speedup_bound": row["loop_heads_hidden_step_s"]
         / row["dense_heads_hidden_step_s"],
         "memory_ratio": row["hydra_peak_mb"] / row["single_peak_mb"],
+        "memory_ratio_f16": row["hydra_peak_f16_mb"] / row["single_peak_mb"],
     }
 
 
@@ -524,6 +536,8 @@ def table(results: dict) -> str:
         ("Hydra MiB", "hydra_peak_mb"),
         ("single MiB", "single_peak_mb"),
         ("memory ratio", "memory_ratio"),
+        ("f16 targets MiB", "hydra_peak_f16_mb"),
+        ("f16 memory ratio", "memory_ratio_f16"),
     ]
     lines = [
         "| " + " | ".join(name for name, _ in columns) + " |",
