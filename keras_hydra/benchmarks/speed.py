@@ -20,8 +20,8 @@ classes) fed synthetic inputs, in one process:
 - parameter counts;
 - peak TensorFlow memory of one distillation epoch (M heads, targets
   `[N, M, 10]`) and of a single-model epoch (targets `[N, 1, 10]`), and of
-  the distillation epoch with float16 targets (`teacher.predict(...,
-  dtype="float16")`).
+  the distillation epoch with float16 numpy targets (`teacher.predict(...,
+  dtype="float16")`), which `fit` casts back to float32.
 
 Timings are medians over repeats after warm-up, the compared calls taking
 turns, of `tf.function`-compiled calls (the train step is Keras's own
