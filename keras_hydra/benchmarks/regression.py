@@ -317,7 +317,9 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def cached_split(out: str, dataset: str, root: str, index: int, config) -> dict:
+def cached_split(
+    out: str, dataset: str, root: str, index: int, config: RegressionConfig
+) -> dict:
     """`run_split`'s result, saved in `out/splits/` and reused when there.
 
     A saved split is reused only if it was run with an equal `config`;
@@ -352,6 +354,7 @@ def run(
     same call again (say, after a crash) runs only the missing splits. To
     spread one benchmark over several processes, give each a `split_range`
     and the same `out`, then run once more without one to write the results.
+    A set's `seconds` counts only the time spent in this call.
 
     Args:
         data_dir: folder holding one sub-folder per UCI set.
