@@ -141,7 +141,7 @@ ensemble: 0.8743 / 0.3385 / 0.9125; the goals: accuracy >= 0.8693, NLL <=
 
 Geometric copies are what help: they raise the ratio by 0.1 and the MNIST
 Spearman by 0.08 at equal steps, zooming in as well as out; noise, shuffled
-pixels and RandAugment's photometric operations do not. With four times
+pixels and RandAugment's mostly photometric operations do not. With four times
 phase 2's steps they cost accuracy (a third of the transfer set is then
 real images); six times recovers it. Temperature 4, wider heads and a second
 affine copy do not help further, and the ratio stays below 0.75 in every run.
