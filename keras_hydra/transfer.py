@@ -130,13 +130,49 @@ def affine(
             keras.layers.RandomRotation(rotation, fill_mode="constant", seed=seeds[2]),
         ]
     )
-    moved = np.empty_like(images)
+    return _apply(layers, images, batch_size).reshape(x.shape)
+
+
+def augmented(
+    x: np.ndarray,
+    layer: keras.Layer,
+    image_shape: Sequence[int] | None = None,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """One output of a random Keras image layer per row, e.g. `RandAugment`.
+
+    Args:
+        x: images `[N, height, width, channels]`, or flat rows `[N, D]` with
+            `image_shape`.
+        layer: a Keras layer (or model) mapping images to images of the same
+            shape, called with `training=True`, e.g.
+            `keras.layers.RandAugment(value_range=(0, 1), seed=0)`.
+        image_shape: `(height, width)` or `(height, width, channels)` of the
+            flat rows; `None` when `x` is already images.
+        batch_size: int, rows per call of the layer.
+
+    Returns:
+        Float32 array shaped like `x`.
+
+    Example:
+
+    >>> x = np.ones((3, 16), "float32")
+    >>> float(augmented(x, keras.layers.Rescaling(2.0), (4, 4)).max())
+    2.0
+    """
+    x = np.asarray(x, "float32")
+    images = _images(x, image_shape, "augmented")
+    return _apply(layer, images, batch_size).reshape(x.shape)
+
+
+def _apply(layer, images: np.ndarray, batch_size: int) -> np.ndarray:
+    out = np.empty_like(images)
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        moved[start : start + batch_size] = keras.ops.convert_to_numpy(
-            layers(batch, training=True)
+        out[start : start + batch_size] = keras.ops.convert_to_numpy(
+            layer(batch, training=True)
         )
-    return moved.reshape(x.shape)
+    return out
 
 
 def _images(x: np.ndarray, image_shape, name: str) -> np.ndarray:

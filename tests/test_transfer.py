@@ -136,3 +136,23 @@ def test_diversified_ascends_the_chosen_score_and_stays_in_range():
             gains.append(softmax(moved[i] @ kernel + bias) @ w - before)
     # A small signed-gradient step raises each row's score w . p_m.
     assert np.mean(np.array(gains) > 0) > 0.95
+
+
+def test_augmented_applies_the_layer_batch_by_batch():
+    x = np.random.default_rng(0).uniform(0, 1, (40, 36)).astype("float32")
+    doubled = transfer.augmented(
+        x, keras.layers.Rescaling(2.0), image_shape=(6, 6), batch_size=16
+    )
+    np.testing.assert_allclose(doubled, 2.0 * x, rtol=1e-6)
+    # A random layer draws anew per batch, in row order: the same as calling
+    # it on consecutive slices.
+    images = x.reshape(40, 6, 6, 1)
+    layer = keras.layers.RandomBrightness(0.5, value_range=(0, 1), seed=3)
+    expected = np.concatenate(
+        [np.asarray(layer(images[i : i + 16], training=True)) for i in (0, 16, 32)]
+    )
+    layer = keras.layers.RandomBrightness(0.5, value_range=(0, 1), seed=3)
+    moved = transfer.augmented(images, layer, batch_size=16)
+    np.testing.assert_array_equal(moved, expected)
+    with pytest.raises(ValueError, match=r"augmented expects images"):
+        transfer.augmented(x, layer)

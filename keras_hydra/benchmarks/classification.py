@@ -247,6 +247,7 @@ _CUTMIX_FRESH = Variant(augment="cutmix", fresh_heads=True, reset_optimizer=True
 _AFFINE = dataclasses.replace(
     _CUTMIX_FRESH, augment=("cutmix", "affine"), head_hidden=(128,)
 )
+_ZOOM1 = dataclasses.replace(_AFFINE, zoom=(0.0, 1.0))
 
 VARIANTS = {
     "plain": Variant(),
@@ -310,15 +311,9 @@ VARIANTS = {
     "cutmix_affine_x4_hidden": dataclasses.replace(_AFFINE, phase2_multiplier=4.0),
     "cutmix_affine_x6_hidden": dataclasses.replace(_AFFINE, phase2_multiplier=6.0),
     "cutmix_affine_x8_hidden": dataclasses.replace(_AFFINE, phase2_multiplier=8.0),
-    "cutmix_zoom1_x4_hidden": dataclasses.replace(
-        _AFFINE, phase2_multiplier=4.0, zoom=(0.0, 1.0)
-    ),
-    "cutmix_zoom1_x6_hidden": dataclasses.replace(
-        _AFFINE, phase2_multiplier=6.0, zoom=(0.0, 1.0)
-    ),
-    "cutmix_zoom1_x8_hidden": dataclasses.replace(
-        _AFFINE, phase2_multiplier=8.0, zoom=(0.0, 1.0)
-    ),
+    "cutmix_zoom1_x4_hidden": dataclasses.replace(_ZOOM1, phase2_multiplier=4.0),
+    "cutmix_zoom1_x6_hidden": dataclasses.replace(_ZOOM1, phase2_multiplier=6.0),
+    "cutmix_zoom1_x8_hidden": dataclasses.replace(_ZOOM1, phase2_multiplier=8.0),
     "cutmix_zoominout_x4_hidden": dataclasses.replace(
         _AFFINE, phase2_multiplier=4.0, zoom=(-0.3, 0.6)
     ),
@@ -335,16 +330,13 @@ VARIANTS = {
         _AFFINE, phase2_multiplier=4.0, augment="affine"
     ),
     "cutmix_zoom1x2_x6_hidden": dataclasses.replace(
-        _AFFINE,
-        phase2_multiplier=6.0,
-        zoom=(0.0, 1.0),
-        augment=("cutmix", "affine", "affine"),
+        _ZOOM1, phase2_multiplier=6.0, augment=("cutmix", "affine", "affine")
     ),
     "cutmix_zoom1_x6_hidden256": dataclasses.replace(
-        _AFFINE, phase2_multiplier=6.0, zoom=(0.0, 1.0), head_hidden=(256,)
+        _ZOOM1, phase2_multiplier=6.0, head_hidden=(256,)
     ),
     "cutmix_zoom1_x6_shallow": dataclasses.replace(
-        _AFFINE, phase2_multiplier=6.0, zoom=(0.0, 1.0), body=(512,)
+        _ZOOM1, phase2_multiplier=6.0, body=(512,)
     ),
     "cutmix_affine_x6_shallow": dataclasses.replace(
         _AFFINE, phase2_multiplier=6.0, body=(512,)
@@ -538,13 +530,7 @@ def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int, member
         return transfer.affine(x, image_shape=(28, 28), zoom=variant.zoom, seed=seed)
     if kind == "randaugment":
         layer = keras.layers.RandAugment(value_range=(0.0, 1.0), seed=seed)
-        images = x.reshape(-1, 28, 28, 1)
-        return np.concatenate(
-            [
-                keras.ops.convert_to_numpy(layer(images[i : i + 1024], training=True))
-                for i in range(0, len(x), 1024)
-            ]
-        ).reshape(x.shape)
+        return transfer.augmented(x, layer, image_shape=(28, 28))
     if kind == "noise":
         rng = np.random.default_rng(seed)
         noisy = x + rng.normal(0.0, variant.noise_stddev, x.shape).astype("float32")
