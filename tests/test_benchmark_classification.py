@@ -85,6 +85,8 @@ def test_quick_params_and_sizes(quick_run):
         "copies": 1,
         "epochs": 1,
         "body": [512],
+        "batch_size": 256,
+        "learning_rate": 0.001,
     }
 
 
@@ -232,3 +234,28 @@ def test_unknown_variant_is_rejected(tmp_path):
     config.variants = ["nope"]
     with pytest.raises(ValueError, match="Unknown variant"):
         classification.run(str(tmp_path), config)
+
+
+def test_students_use_their_variants_optimizer_settings():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(12, 6)).astype("float32")
+    targets = rng.normal(size=(12, 3, 10)).astype("float32")
+    config = classification.ClassificationConfig(
+        hidden=(8,), phase1_epochs=1, phase2_epochs=2, batch_size=12
+    )
+
+    def phase2(**settings):
+        variant = classification.Variant(batch_size=4, learning_rate=0.01, **settings)
+        hydra = classification.train_hydra(x, targets, variant, config, seed=0)
+        step = hydra.optimizer.iterations
+        return int(step), float(hydra.optimizer.learning_rate)
+
+    # Batches of 4: 3 steps per epoch, so 3 in phase 1 and 6 in phase 2.
+    assert phase2() == (9, pytest.approx(0.01))  # the optimizer carried over
+    assert phase2(reset_optimizer=True) == (6, pytest.approx(0.01))
+    assert phase2(decay=True) == (6, pytest.approx(0.0, abs=1e-7))  # cosine end
+    kd = classification.train_kd(
+        x, targets, config, 0, epochs=2, batch_size=6, learning_rate=0.02
+    )
+    assert int(kd.optimizer.iterations) == 4
+    assert float(kd.optimizer.learning_rate) == pytest.approx(0.02)
