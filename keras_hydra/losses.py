@@ -62,12 +62,19 @@ class HydraKL(keras.losses.Loss):
 
     The same loss serves both phases: the shapes say which case applies.
 
+    With `logit_weight = w > 0` the loss adds logit matching (Ba & Caruana,
+    2014): `w * mean_s mean_k (z_sk - l_sk)^2`, where `z_s` are head `s`'s
+    logits and `l_s = log pbar_s` at temperature 1, both centred on their
+    mean over classes (softmax ignores a shift). For `S == M`, `l_m` is member
+    `m`'s centred logits.
+
     Args:
         temperature: float > 0, the softmax temperature `T`. Stored in a
             non-trainable `keras.Variable` (`loss.temperature`) so that a
             callback can `assign` it during `fit`.
         from_logits: bool, whether `y_true` holds logits (`True`) or
             probabilities. `y_pred` is always logits.
+        logit_weight: float >= 0, the weight `w` of the logit-matching term.
         reduction: Keras loss reduction over the batch.
         name: name of the loss.
 
@@ -83,6 +90,7 @@ class HydraKL(keras.losses.Loss):
         self,
         temperature: float = 1.0,
         from_logits: bool = True,
+        logit_weight: float = 0.0,
         reduction: str = "sum_over_batch_size",
         name: str = "hydra_kl",
         **kwargs,
@@ -90,7 +98,10 @@ class HydraKL(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, **kwargs)
         if not float(temperature) > 0:
             raise ValueError(f"`temperature` must be > 0. Received: {temperature}")
+        if not float(logit_weight) >= 0:
+            raise ValueError(f"`logit_weight` must be >= 0. Received: {logit_weight}")
         self.from_logits = from_logits
+        self.logit_weight = float(logit_weight)
         self.temperature = keras.Variable(
             float(temperature), trainable=False, dtype="float32", name="temperature"
         )
@@ -104,14 +115,27 @@ class HydraKL(keras.losses.Loss):
 
         if not self.from_logits:
             y_true = ops.log(ops.maximum(y_true, _EPSILON))
-        log_p = ops.log_softmax(y_true / temperature, axis=-1)
-        if group > 1:
+
+        def log_mean(scaled):
+            log_p = ops.log_softmax(scaled, axis=-1)
+            if group == 1:
+                return log_p
             # Mean of each head's group of members, in log space.
             log_p = ops.reshape(log_p, (-1, num_heads, group, num_classes))
-            log_p = ops.logsumexp(log_p, axis=2) - np.log(group).astype("float32")
+            return ops.logsumexp(log_p, axis=2) - np.log(group).astype("float32")
+
+        log_p = log_mean(y_true / temperature)
         log_q = ops.log_softmax(y_pred / temperature, axis=-1)
         kl = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
-        return ops.mean(kl, axis=-1) * temperature**2
+        loss = ops.mean(kl, axis=-1) * temperature**2
+        if self.logit_weight:
+            target = log_mean(y_true)
+            target = target - ops.mean(target, axis=-1, keepdims=True)
+            logits = y_pred - ops.mean(y_pred, axis=-1, keepdims=True)
+            loss += self.logit_weight * ops.mean(
+                ops.square(logits - target), axis=(-2, -1)
+            )
+        return loss
 
     def validate_targets(self, targets: np.ndarray, num_heads: int) -> None:
         """Raises a `ValueError` if `targets` do not suit this loss.
@@ -143,6 +167,7 @@ class HydraKL(keras.losses.Loss):
             {
                 "temperature": float(ops.convert_to_numpy(self.temperature)),
                 "from_logits": self.from_logits,
+                "logit_weight": self.logit_weight,
             }
         )
         return config

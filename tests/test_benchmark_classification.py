@@ -87,6 +87,7 @@ def test_quick_params_and_sizes(quick_run):
         "body": [512],
         "batch_size": 256,
         "learning_rate": 0.001,
+        "logit_weight": 0.0,
     }
 
 

@@ -35,6 +35,27 @@ def test_matches_numpy_reference(num_heads, temperature):
     np.testing.assert_allclose(loss(teacher, student), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_heads", [6, 1, 3])
+def test_logit_matching_term(num_heads):
+    rng = np.random.default_rng(2)
+    teacher = rng.normal(size=(5, 6, 4)) * 3
+    student = rng.normal(size=(5, num_heads, 4)) * 3
+    # Head s's target logits: the log of its members' mean probabilities at
+    # temperature 1, centred, like the head's own logits.
+    group = 6 // num_heads
+    mean = softmax(teacher, axis=-1).reshape(5, num_heads, group, 4).mean(axis=2)
+    target = np.log(mean) - np.log(mean).mean(axis=-1, keepdims=True)
+    logits = student - student.mean(axis=-1, keepdims=True)
+    mse = ((logits - target) ** 2).mean(axis=(1, 2))
+    loss = HydraKL(temperature=2.0, logit_weight=0.3, reduction=None)
+    expected = reference_kl(teacher, student, 2.0) + 0.3 * mse
+    np.testing.assert_allclose(loss(teacher, student), expected, rtol=1e-5)
+    # Shifted logits give the same softmax and the same loss.
+    np.testing.assert_allclose(
+        loss(teacher + 5.0, student - 2.0), expected, rtol=1e-5, atol=1e-5
+    )
+
+
 def test_reduction_and_sample_weight():
     rng = np.random.default_rng(1)
     teacher, student = rng.normal(size=(4, 2, 3)), rng.normal(size=(4, 2, 3))
@@ -99,10 +120,12 @@ def test_temperature_variable_is_read_by_a_compiled_function():
 
 
 def test_config_round_trip_and_bad_temperature():
-    loss = HydraKL(temperature=3.0, from_logits=False, name="kd")
+    loss = HydraKL(temperature=3.0, from_logits=False, logit_weight=0.1, name="kd")
     restored = keras.losses.deserialize(keras.losses.serialize(loss))
     assert isinstance(restored, HydraKL)
     assert restored.get_config() == loss.get_config()
     assert float(restored.temperature.numpy()) == 3.0
     with pytest.raises(ValueError, match="temperature.*Received: 0"):
         HydraKL(temperature=0)
+    with pytest.raises(ValueError, match="logit_weight.*Received: -1"):
+        HydraKL(logit_weight=-1)
