@@ -255,8 +255,7 @@ def test_students_use_their_variants_optimizer_settings():
     assert phase2() == (9, pytest.approx(0.01))  # the optimizer carried over
     assert phase2(reset_optimizer=True) == (6, pytest.approx(0.01))
     assert phase2(decay=True) == (6, pytest.approx(0.0, abs=1e-7))  # cosine end
-    kd = classification.train_kd(
-        x, targets, config, 0, epochs=2, batch_size=6, learning_rate=0.02
-    )
+    variant = classification.Variant(batch_size=6, learning_rate=0.02)
+    kd = classification.train_kd(x, targets, config, 0, epochs=2, variant=variant)
     assert int(kd.optimizer.iterations) == 4
     assert float(kd.optimizer.learning_rate) == pytest.approx(0.02)

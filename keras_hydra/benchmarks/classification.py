@@ -670,31 +670,40 @@ def disagreement_weights(targets: np.ndarray, strength: float) -> np.ndarray:
     return (weights / weights.mean()).astype("float32")
 
 
+def student_settings(variant: Variant, config: ClassificationConfig) -> dict:
+    """The variant's body, batch size and learning rate, `config`'s if unset."""
+    return {
+        "body": list(variant.body or config.hidden),
+        "batch_size": variant.batch_size or config.batch_size,
+        "learning_rate": variant.learning_rate or config.learning_rate,
+    }
+
+
 def train_kd(
     x,
     targets,
     config: ClassificationConfig,
     seed: int,
     epochs: int,
-    body: Sequence[int] = (),
-    batch_size: int | None = None,
-    learning_rate: float | None = None,
-    logit_weight: float = 0.0,
+    variant: Variant | None = None,
 ) -> HydraModel:
     """A single-head student distilled from the ensemble mean (Hinton KD).
 
-    `body`, `batch_size` and `learning_rate` default to the members' (`config`);
-    `logit_weight` is `HydraKL`'s.
+    It takes `variant`'s body, batch size, learning rate and logit weight
+    (`student_settings`), with a linear head at `config.kd_temperature`.
     """
     keras.utils.set_random_seed(seed)
-    batch_size = batch_size or config.batch_size
-    kd = _student(body or config.hidden, (), "kd")
+    variant = variant or Variant()
+    settings = student_settings(variant, config)
+    kd = _student(settings["body"], (), "kd")
     kd.compile(
-        keras.optimizers.Adam(learning_rate or config.learning_rate),
-        losses.HydraKL(temperature=config.kd_temperature, logit_weight=logit_weight),
-        steps_per_execution=_steps(len(x), batch_size),
+        keras.optimizers.Adam(settings["learning_rate"]),
+        losses.HydraKL(
+            temperature=config.kd_temperature, logit_weight=variant.logit_weight
+        ),
+        steps_per_execution=_steps(len(x), settings["batch_size"]),
     )
-    _fit(kd, x, targets, epochs, batch_size)
+    _fit(kd, x, targets, epochs, settings["batch_size"])
     return kd
 
 
@@ -712,12 +721,12 @@ def train_hydra(
     shrink in proportion, to keep the number of optimizer steps.
     """
     keras.utils.set_random_seed(seed)
-    batch_size = variant.batch_size or config.batch_size
-    learning_rate = variant.learning_rate or config.learning_rate
+    settings = student_settings(variant, config)
+    batch_size, learning_rate = settings["batch_size"], settings["learning_rate"]
     scale = len(x) / (num_train or len(x))
     epochs1 = max(1, round(config.phase1_epochs / scale))
     epochs2 = max(1, round(variant.phase2_multiplier * config.phase2_epochs / scale))
-    hydra = _student(variant.body or config.hidden, variant.head_hidden, "hydra")
+    hydra = _student(settings["body"], variant.head_hidden, "hydra")
 
     def compile_hydra(schedule=learning_rate):
         hydra.compile(
@@ -1176,15 +1185,7 @@ def run(
     kd_runs, kd_first = [], None
     for s in range(config.seeds):
         kd = train_kd(
-            x_kd,
-            targets_kd,
-            config,
-            config.seed + 1000 + s,
-            kd_epochs,
-            first.body,
-            first.batch_size,
-            first.learning_rate,
-            first.logit_weight,
+            x_kd, targets_kd, config, config.seed + 1000 + s, kd_epochs, first
         )
         kd_out = outputs_of(kd)
         kd_first = kd_first or kd_out
@@ -1202,9 +1203,7 @@ def run(
             "augment": first.augment,
             "copies": first.copies,
             "epochs": kd_epochs,
-            "body": list(first.body or config.hidden),
-            "batch_size": first.batch_size or config.batch_size,
-            "learning_rate": first.learning_rate or config.learning_rate,
+            **student_settings(first, config),
             "logit_weight": first.logit_weight,
         },
         "seconds": seconds,
