@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import keras
 import numpy as np
+from keras import ops
 
 from keras_hydra import distributions, uncertainty
 from keras_hydra.layers import DistributionHeads, HydraHeads
@@ -75,6 +76,25 @@ class Categorical:
     def uncertainty(self, outputs) -> dict:
         """Uncertainty decomposition of head logits `[batch, heads, classes]`."""
         return uncertainty.categorical(outputs, from_logits=True)
+
+    def spread(self, outputs, factor):
+        """Scales each head's logits' deviation from the heads' mean logits.
+
+        `mean_s z_s + factor * (z_s - mean_s z_s)`: a factor above 1 moves
+        the heads apart, 0 makes them all predict their mean logits.
+
+        Example:
+
+        >>> logits = np.array([[[1.0, 0.0], [3.0, 0.0]]])
+        >>> np.asarray(Categorical(2).spread(logits, 2.0)).tolist()
+        [[[0.0, 0.0], [4.0, 0.0]]]
+        """
+        mean = ops.mean(outputs, axis=1, keepdims=True)
+        return factor * outputs + (1 - factor) * mean
+
+    def epistemic(self, outputs):
+        """Per-example mutual information `[batch]` of head logits, in nats."""
+        return self.uncertainty(outputs)["epistemic_uncertainty"]
 
     def distribution(self, outputs):
         """The uniform mixture over heads of the heads' categoricals."""
@@ -194,6 +214,35 @@ class Distribution:
     def uncertainty(self, outputs) -> dict:
         """Mixture moments, variance split and intervals of head parameters."""
         return uncertainty.regression(outputs, self.family, self.levels)
+
+    def spread(self, outputs, factor):
+        """Scales each head's `loc` deviation from the heads' mean `loc`.
+
+        The other parameters are left as they are, so for a family whose
+        mean is its `loc` (Normal, Laplace, StudentT) the epistemic variance
+        scales by `factor**2` and the aleatoric variance stays. A family
+        without a `loc` parameter is returned unchanged.
+
+        Example:
+
+        >>> params = np.array([[[1.0, 0.5], [3.0, 2.0]]])  # Normal loc, scale
+        >>> np.asarray(Distribution("Normal").spread(params, 2.0)).tolist()
+        [[[0.0, 0.5], [4.0, 2.0]]]
+        """
+        if "loc" not in self.parameter_names:
+            return outputs
+        pieces = ops.split(outputs, len(self.parameter_names), axis=-1)
+        index = self.parameter_names.index("loc")
+        loc = pieces[index]
+        pieces[index] = factor * loc + (1 - factor) * ops.mean(
+            loc, axis=1, keepdims=True
+        )
+        return ops.concatenate(pieces, axis=-1)
+
+    def epistemic(self, outputs):
+        """Per-example epistemic variance `[batch]`, summed over event dims."""
+        variance = uncertainty.regression(outputs, self.family, levels=())
+        return ops.sum(variance["epistemic_variance"], axis=-1)
 
     def distribution(self, outputs):
         """The uniform mixture over heads, a `tfd.MixtureSameFamily`."""

@@ -10,11 +10,12 @@ from keras_hydra import cli
 from keras_hydra.benchmarks import classification
 
 SCORES = ("accuracy", "nll", "ece", "brier", "params")
+SPREAD = "cutmix_affine_x8_shallow_b128_lr2e3_logits_spread"
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One `--quick` run through the CLI, with an extra OOD set and 2 variants."""
+    """One `--quick` run through the CLI, with an extra OOD set and 3 variants."""
     out = tmp_path_factory.mktemp("classification")
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (300, 28, 28), dtype=np.uint8)
@@ -32,6 +33,8 @@ def quick_run(tmp_path_factory):
             "cutmix_affine_x8_shallow",
             "--variant",
             "mixup_reset",
+            "--variant",
+            SPREAD,
             "--kd-epochs",
             "2",
         ]
@@ -70,11 +73,12 @@ def test_quick_params_and_sizes(quick_run):
     assert methods["single"]["params"] == member
     assert methods["ensemble"]["params"] == 3 * member
     # Hydra (the first variant): a 784-512 body and 3 heads of a 128-unit
-    # hidden layer each; KD: the same body and one linear head.
+    # hidden layer each; KD: the same body and one linear head; both have
+    # the scalar `spread`.
     body = 784 * 512 + 512
     head = 512 * 128 + 128 + 128 * 10 + 10
-    assert methods["hydra"]["params"] == body + 3 * head
-    assert methods["kd"]["params"] == body + 512 * 10 + 10
+    assert methods["hydra"]["params"] == body + 3 * head + 1
+    assert methods["kd"]["params"] == body + 512 * 10 + 10 + 1
     assert results["config"]["members"] == 3
     assert results["config"]["seeds"] == 1
     assert results["config"]["kd_epochs"] == 2  # the CLI override
@@ -108,7 +112,11 @@ def test_quick_seeds_and_variants(quick_run):
     hydra = results["methods"]["hydra"]
     assert len(hydra["per_seed"]) == 1
     assert hydra["accuracy"] == hydra["per_seed"][0]["accuracy"]
-    assert list(results["variants"]) == ["cutmix_affine_x8_shallow", "mixup_reset"]
+    assert list(results["variants"]) == [
+        "cutmix_affine_x8_shallow",
+        "mixup_reset",
+        SPREAD,
+    ]
     # The first variant is the reported Hydra.
     first = results["variants"]["cutmix_affine_x8_shallow"]
     assert first["hydra"]["nll"] == hydra["nll"]
@@ -126,6 +134,26 @@ def test_quick_seeds_and_variants(quick_run):
     assert "uniform/auroc_mi_vs_ensemble" in goals
     for goal in goals.values():
         assert isinstance(goal["met"], bool)
+    assert "spread" not in mixup and "uncalibrated" not in mixup
+
+
+def test_quick_scores_a_calibrated_variant_before_and_after(quick_run):
+    out, results = quick_run
+    entry = results["variants"][SPREAD]
+    assert entry["variant"]["calibrate_spread"] is True
+    assert len(entry["spread"]["per_seed"]) == 1
+    assert entry["spread"]["mean"] == entry["spread"]["per_seed"][0] > 0
+    before = entry["uncalibrated"]
+    assert set(before["goals"]) == set(entry["goals"])
+    assert before["hydra"]["params"] == entry["hydra"]["params"]
+    # The heads' mean logits are kept, so predictions barely move; their
+    # disagreement, and so the mutual information, is scaled.
+    assert abs(before["hydra"]["accuracy"] - entry["hydra"]["accuracy"]) < 0.01
+    ratio = entry["fidelity"]["mean_mi_ratio_ood"]["mnist"]
+    assert ratio != before["fidelity"]["mean_mi_ratio_ood"]["mnist"]
+    table = (out / "table.md").read_text()
+    assert f"| hydra[{SPREAD} (uncalibrated)] |" in table
+    assert "Calibrated spread (mean over seeds): " in table
 
 
 def test_quick_writes_table_and_plots(quick_run):
@@ -253,6 +281,12 @@ def test_students_use_their_variants_optimizer_settings():
 
     # Batches of 4: 3 steps per epoch, so 3 in phase 1 and 6 in phase 2.
     assert phase2() == (9, pytest.approx(0.01))  # the optimizer carried over
+    # The students train under `config.student_dtype`, the expanded heads
+    # too, and the global policy is left as it was.
+    hydra = classification.train_hydra(x, targets, classification.Variant(), config, 0)
+    assert hydra.heads.dtype_policy.name == "mixed_bfloat16"
+    assert hydra.heads.kernels[0].shape[0] == 3
+    assert keras.config.dtype_policy().name == "float32"
     assert phase2(reset_optimizer=True) == (6, pytest.approx(0.01))
     assert phase2(decay=True) == (6, pytest.approx(0.0, abs=1e-7))  # cosine end
     variant = classification.Variant(batch_size=6, learning_rate=0.02)

@@ -35,8 +35,9 @@ def exported(tmp_path_factory):
     model = kh.HydraModel(body, kh.heads.Categorical(4), teacher=teacher)
     model.compile(optimizer="adam", loss=kh.losses.HydraKL(temperature=3.0))
     model.fit(x, targets, epochs=1, verbose=0)
-    model.add_heads(3)
+    model.add_heads(3, copy_head=False)
     model.fit(x, targets, epochs=1, verbose=0)
+    model.calibrate_spread(x)  # on the online teacher's outputs
     path = str(tmp_path_factory.mktemp("export") / "hydra" / "1")
     kh.export.saved_model(model, path)
     return model, x, path
@@ -85,6 +86,8 @@ def test_serves_predict_uncertainty_without_the_package(exported, tmp_path):
     served, num_variables = serve_in_fresh_process(path, x[:7], tmp_path)
     # The online teacher's variables are not in the SavedModel.
     assert num_variables == len(model.weights)
+    # The served heads are spread as `predict`'s are.
+    assert abs(float(model.spread) - 1.0) > 0.01
     assert_same_outputs(served, model.predict_uncertainty(x[:7]))
     assert served["predicted_class"].dtype == np.int64
     assert served["probabilities"].dtype == np.float32

@@ -258,3 +258,74 @@ def test_standard_callbacks(tmp_path):
     restored = keras.saving.load_model(checkpoint)
     assert restored.num_heads == 4
     assert list((tmp_path / "logs" / "train").glob("events.out.tfevents.*"))
+
+
+def mean_mi(logits):
+    probs = softmax(logits.astype("float64"), axis=-1)
+    mean = probs.mean(axis=1)
+    entropy = -(mean * np.log(mean)).sum(-1)
+    return (entropy + (probs * np.log(probs)).sum(-1).mean(-1)).mean()
+
+
+def test_calibrate_spread_matches_the_teachers_mutual_information(distilled):
+    hydra, x = distilled.hydra, distilled.x
+    raw = hydra.predict(x, verbose=0)
+    try:
+        factor = hydra.calibrate_spread(x, distilled.targets)
+        assert float(hydra.spread) == pytest.approx(factor)
+        mean = raw.mean(axis=1, keepdims=True)
+        expected = mean + factor * (raw - mean)
+        outputs = hydra.predict(x, verbose=0)
+        np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            mean_mi(outputs), mean_mi(distilled.targets), rtol=1e-4
+        )
+        assert abs(factor - 1) > 0.01
+        # Training steps see the heads unscaled.
+        np.testing.assert_allclose(hydra(x, training=True), raw, rtol=1e-5, atol=1e-5)
+        # Calibrating again starts from the current spread and finds it.
+        assert hydra.calibrate_spread(x, distilled.targets) == pytest.approx(factor)
+    finally:
+        hydra.spread.assign(1.0)
+
+
+def test_calibrate_spread_reads_probability_targets():
+    x, logits = random_data(seed=5)
+    factors = []
+    for from_logits, targets in [(True, logits), (False, softmax(logits, -1))]:
+        keras.utils.set_random_seed(0)
+        model = kh.HydraModel(mlp_body(8), kh.heads.Categorical(3), 4)
+        model.compile(optimizer="adam", loss=kh.losses.HydraKL(from_logits=from_logits))
+        model.fit(x, targets, epochs=2, verbose=0)
+        factors.append(model.calibrate_spread(x, targets))
+    assert factors[0] == pytest.approx(factors[1], rel=1e-4)
+
+
+def test_calibrate_spread_errors_leave_the_spread():
+    x, targets = random_data()
+    with pytest.raises(ValueError, match="has one head: call add_heads"):
+        small_hydra().calibrate_spread(x, targets)
+    model = small_hydra(num_heads=4)
+    model.fit(x, targets, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="pass them as `y`"):
+        model.calibrate_spread(x)
+    with pytest.raises(ValueError, match=r"shape \(32, 4, 3\) .* \(64, 4, 3\)"):
+        model.calibrate_spread(x, targets[:32])
+    with pytest.raises(ValueError, match="have 5 classes"):
+        model.calibrate_spread(x, np.zeros((64, 4, 5), "float32"))
+    agreeing = np.repeat(targets[:, :1], 4, axis=1)  # no disagreement to match
+    with pytest.raises(ValueError, match=r"cannot match .* ranges from"):
+        model.calibrate_spread(x, agreeing)
+    assert float(model.spread) == 1.0
+
+
+def test_calibrate_spread_runs_an_online_teacher():
+    x, _ = random_data()
+    members = [keras.Sequential([keras.layers.Dense(3)]) for _ in range(4)]
+    targets = kh.teacher.predict(members, x)
+    model = kh.HydraModel(mlp_body(8), kh.heads.Categorical(3), 4, teacher=members)
+    model.compile(optimizer="adam", loss=kh.losses.HydraKL())
+    model.fit(x, epochs=1, verbose=0)
+    online = model.calibrate_spread(x)
+    model.spread.assign(1.0)
+    assert model.calibrate_spread(x, targets) == pytest.approx(online, rel=1e-6)

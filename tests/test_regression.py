@@ -254,6 +254,27 @@ def test_hydra_epistemic_variance_tracks_the_ensemble(diabetes_distillation):
     )
 
 
+def test_calibrate_spread_scales_the_epistemic_variance(diabetes_distillation):
+    hydra, x, targets = diabetes_distillation
+    raw = hydra.predict(x, verbose=0)
+    try:
+        factor = hydra.calibrate_spread(x, targets)
+        # Normal heads: the spread scales the loc deviations, so the epistemic
+        # variance by factor**2, which then equals the members'.
+        expected = np.sqrt(
+            targets[..., 0].var(axis=1).mean() / raw[..., 0].var(1).mean()
+        )
+        assert factor == pytest.approx(expected, rel=1e-4)
+        outputs = hydra.predict(x, verbose=0)
+        loc = raw[..., 0].mean(axis=1, keepdims=True)
+        np.testing.assert_allclose(
+            outputs[..., 0], loc + factor * (raw[..., 0] - loc), rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_array_equal(outputs[..., 1], raw[..., 1])  # scales kept
+    finally:
+        hydra.spread.assign(1.0)
+
+
 def test_regression_round_trip(diabetes_distillation, tmp_path):
     hydra, x, _ = diabetes_distillation
     hydra.save(tmp_path / "reg.keras")

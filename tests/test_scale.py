@@ -208,9 +208,21 @@ def test_add_heads_under_mirrored_keeps_variables_mirrored(mirrored):
     _, facts = mirrored
     assert facts["strategy_kept"]
     assert facts["head_shapes"] == [[4, 8, 4], [4, 4], [4, 4, 3], [4, 3]]
-    # The new heads and the optimizer rebuilt by add_heads live on both replicas.
-    assert facts["mirrored_weights"] == [True] * 6
+    # The new heads, the spread and the optimizer rebuilt by add_heads live
+    # on both replicas.
+    assert facts["mirrored_weights"] == [True] * 7
     assert facts["mirrored_optimizer"] == [True] * 14
+
+
+def test_calibrate_spread_under_mirrored_matches_one_device(mirrored):
+    arrays, facts = mirrored
+    # The targets are the single model's heads spread by 2.
+    assert facts["single_spread"] == pytest.approx(2.0, rel=1e-4)
+    assert facts["mirrored_spread"] == pytest.approx(2.0, rel=1e-4)
+    for name in ["single", "mirrored"]:
+        np.testing.assert_allclose(
+            arrays[f"{name}_spread_outputs"], arrays["wider"], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_mirrored_uneven_last_batch_weights_replicas_equally(mirrored):

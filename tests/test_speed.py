@@ -27,10 +27,11 @@ def test_quick_run_writes_every_key(quick):
 
 
 def test_quick_run_counts_parameters_and_flops(quick):
-    # Quick sizes: a 32-64-64 body (6,272 parameters), linear heads of 650.
+    # Quick sizes: a 32-64-64 body (6,272 parameters), linear heads of 650,
+    # and the Hydra's scalar `spread`.
     for m in [1, 5]:
         row = quick["per_m"][str(m)]
-        assert row["hydra_params"] == 6272 + 650 * m
+        assert row["hydra_params"] == 6272 + 650 * m + 1
         assert row["ensemble_params"] == (6272 + 650) * m
         body, head = 32 * 64 + 64 * 64, 64 * 10
         assert row["flop_ratio"] == pytest.approx(m * (body + head) / (body + m * head))

@@ -98,8 +98,13 @@ change only how the Hydra is distilled:
   learning rate of 2, 3 or 4e-3.
 - `cutmix_affine_x8_shallow_b128_lr2e3`: eight times phase 2's epochs on
   batches of 128 at a learning rate of 2e-3; `_logits` adds `HydraKL`'s
-  logit matching (`logit_weight=0.05`) to the students' loss. This one is
-  the default.
+  logit matching (`logit_weight=0.05`) to the students' loss.
+- `cutmix_affine_x8_shallow_b128_lr2e3_logits_spread`: `_logits` with the
+  trained heads' spread calibrated to the teacher's mean mutual information
+  on the transfer set (`HydraModel.calibrate_spread`). This one is the
+  default; `results.json` also scores its heads before calibration
+  (`variants.<name>.uncalibrated`), and `variants.<name>.spread` holds the
+  fitted factors.
 
 Variants on a larger transfer set run proportionally fewer epochs, so every
 variant takes about the same number of optimizer steps, except the longer
@@ -210,10 +215,37 @@ but misses the MNIST Spearman by 0.004. Adding logit matching keeps the ratio
 as `cutmix_affine_x8_shallow` did, 0.05 closer to it, and is the default. It
 was chosen after its test results were seen; seed 1's accuracy, 0.8673, is
 below the goal's 0.8693 (the goal is on the mean).
+
+What keeps the ratio down is not only the distance from the training data.
+On seed 0 the `_logits` heads keep 0.91 of the members' mean mutual
+information on their own training images, 0.92 on their CutMix and affine
+inputs, 0.85 on the test images and 0.77 on MNIST: distilling with KL
+shrinks each head towards the heads' mean wherever it cannot follow its
+member exactly, and the per-head KL is lowest at about the distilled spread
+(scaling the heads' logit deviations by 1.05 raises it by 2.5 % on the
+training images). Scaling the deviations so that the Hydra's mean mutual
+information on the transfer set equals the teacher's (a factor of 1.04-1.05,
+fitted on training data only) lifts the MNIST ratio to 0.82-0.84 with the
+same accuracy, NLL and MNIST Spearman, and a slightly higher AUROC.
+
+Over 3 seeds, one run, `keras-hydra benchmark classification` with the
+`_spread` default and bfloat16 students (`student_dtype`, below; the
+ensemble 0.8743 / 0.3385 / 0.9125): accuracy 0.8721 (per seed 0.8735 /
+0.8710 / 0.8717), NLL 0.3440, ECE 0.0102, AUROC 0.906, ratio 0.832 (0.849
+/ 0.828 / 0.818), MNIST Spearman 0.857 (0.855 / 0.849 / 0.866),
+in-distribution Spearman 0.986, own-member fraction 1.0, spread 1.048-1.053,
+KD 0.832, 984 s. Before calibration the same heads give a ratio of 0.760
+(0.774 / 0.755 / 0.752) and a Spearman of 0.858. Every goal is met. The
+same run with float32 students (`--student-dtype float32`, the same heads
+as `_logits` above) gave a ratio of 0.830 (0.841 / 0.823 / 0.827) against
+0.767 before calibration, accuracy 0.8714 and NLL 0.3447, in 1466 s: that
+day this machine ran the float32 students about 30 % slower than in the
+runs of the table above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -286,6 +318,10 @@ class Variant:
             the members' (`ClassificationConfig.learning_rate`).
         logit_weight: float, weight of `HydraKL`'s logit-matching term in
             the students' loss.
+        calibrate_spread: bool, whether the trained Hydra's heads are
+            spread to the teacher's mean mutual information on the transfer
+            set (`HydraModel.calibrate_spread`); the benchmark also scores
+            them before.
     """
 
     temperature: float = 2.0
@@ -305,6 +341,7 @@ class Variant:
     batch_size: int | None = None
     learning_rate: float | None = None
     logit_weight: float = 0.0
+    calibrate_spread: bool = False
 
 
 _CUTMIX_FRESH = Variant(augment="cutmix", fresh_heads=True, reset_optimizer=True)
@@ -428,6 +465,9 @@ VARIANTS = {
     "cutmix_affine_x8_shallow_b128_lr2e3_logits": dataclasses.replace(
         _NOISY, logit_weight=0.05
     ),
+    "cutmix_affine_x8_shallow_b128_lr2e3_logits_spread": dataclasses.replace(
+        _NOISY, logit_weight=0.05, calibrate_spread=True
+    ),
 }
 
 
@@ -439,6 +479,14 @@ class ClassificationConfig:
     set they shrink in proportion. The KD student is distilled on the first
     variant's transfer set, for `kd_epochs` or, when `None`, as many steps as
     that variant's Hydra takes over both phases, with that variant's body.
+
+    The members train in float32; the students (Hydra and KD) under
+    `student_dtype`, a Keras dtype policy. `"mixed_bfloat16"` computes in
+    bfloat16 (losses, softmax and KL stay float32). On this CPU
+    (AVX512_BF16) it trained and scored the default's three Hydras in
+    602-641 s against 1043 s in float32 and the KD students in 252-262 s
+    against 299 s, with
+    scores within seed noise of float32's (module docstring).
     """
 
     members: int = 10
@@ -455,9 +503,10 @@ class ClassificationConfig:
     test_size: int | None = None
     ood_size: int | None = None
     variants: list = field(
-        default_factory=lambda: ["cutmix_affine_x8_shallow_b128_lr2e3_logits"]
+        default_factory=lambda: ["cutmix_affine_x8_shallow_b128_lr2e3_logits_spread"]
     )
     seed: int = 0
+    student_dtype: str = "mixed_bfloat16"
 
     @classmethod
     def quick(cls) -> ClassificationConfig:
@@ -633,12 +682,24 @@ def augment_inputs(x: np.ndarray, kind: str, variant: Variant, seed: int, member
     )
 
 
-def _student(body, head_hidden, name):
-    return HydraModel(
-        _mlp(body, "body"),
-        heads.Categorical(NUM_CLASSES, hidden_units=head_hidden),
-        name=name,
-    )
+@contextlib.contextmanager
+def _dtype_policy(name: str):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _student(body, head_hidden, name, dtype: str):
+    # Layers take the policy when they are made; `add_heads` keeps it.
+    with _dtype_policy(dtype):
+        return HydraModel(
+            _mlp(body, "body"),
+            heads.Categorical(NUM_CLASSES, hidden_units=head_hidden),
+            name=name,
+        )
 
 
 def _fit(model, x, targets, epochs, batch_size, sample_weight=None):
@@ -695,7 +756,7 @@ def train_kd(
     keras.utils.set_random_seed(seed)
     variant = variant or Variant()
     settings = student_settings(variant, config)
-    kd = _student(settings["body"], (), "kd")
+    kd = _student(settings["body"], (), "kd", config.student_dtype)
     kd.compile(
         keras.optimizers.Adam(settings["learning_rate"]),
         losses.HydraKL(
@@ -726,7 +787,9 @@ def train_hydra(
     scale = len(x) / (num_train or len(x))
     epochs1 = max(1, round(config.phase1_epochs / scale))
     epochs2 = max(1, round(variant.phase2_multiplier * config.phase2_epochs / scale))
-    hydra = _student(settings["body"], variant.head_hidden, "hydra")
+    hydra = _student(
+        settings["body"], variant.head_hidden, "hydra", config.student_dtype
+    )
 
     def compile_hydra(schedule=learning_rate):
         hydra.compile(
@@ -1076,17 +1139,22 @@ def table(results: dict) -> str:
 
     for method in METHODS:
         lines.append(row(method, results["methods"][method]))
+    # Each variant, and a calibrated variant's heads before calibration too.
+    hydras = {}
     for name, v in results["variants"].items():
+        hydras[name] = v
+        if "uncalibrated" in v:
+            hydras[f"{name} (uncalibrated)"] = v["uncalibrated"]
+    for name, v in hydras.items():
         lines.append(row(f"hydra[{name}]", v["hydra"]))
     lines += ["", "Hydra variants against the goals (means over seeds; ✓ met):", ""]
-    keys = list(next(iter(results["variants"].values()))["goals"])
-    lines.append("| goal | target | " + " | ".join(results["variants"]) + " |")
-    lines.append("|" + "---|" * (2 + len(results["variants"])))
-    first = next(iter(results["variants"].values()))["goals"]
-    for key in keys:
+    first = next(iter(hydras.values()))["goals"]
+    lines.append("| goal | target | " + " | ".join(hydras) + " |")
+    lines.append("|" + "---|" * (2 + len(hydras)))
+    for key in first:
         cells = [
             f"{v['goals'][key]['value']:.4f} {'✓' if v['goals'][key]['met'] else '✗'}"
-            for v in results["variants"].values()
+            for v in hydras.values()
         ]
         lines.append(
             f"| {key} | {first[key]['target']:.4f} | " + " | ".join(cells) + " |"
@@ -1096,9 +1164,17 @@ def table(results: dict) -> str:
         "Fidelity: "
         + "; ".join(
             f"{name}: mean KL to ensemble {v['fidelity']['mean_kl_to_ensemble']:.4f}"
-            for name, v in results["variants"].items()
+            for name, v in hydras.items()
         )
     )
+    spreads = [
+        f"{name}: {v['spread']['mean']:.4f}"
+        for name, v in results["variants"].items()
+        if "spread" in v
+    ]
+    if spreads:
+        lines.append("")
+        lines.append("Calibrated spread (mean over seeds): " + "; ".join(spreads))
     return "\n".join(lines) + "\n"
 
 
@@ -1214,11 +1290,20 @@ def run(
         variant = VARIANTS[name]
         tick = time.perf_counter()
         x_t, targets = transfer_set(variant)
-        runs, fids = [], []
+        runs, fids, uncalibrated, spreads = [], [], [], []
         for s in range(config.seeds):
             hydra = train_hydra(
                 x_t, targets, variant, config, config.seed + 2000 + s, len(x)
             )
+            if variant.calibrate_spread:
+                raw_out = outputs_of(hydra)
+                uncalibrated.append(
+                    (
+                        evaluate(raw_out, y_test, hydra.count_params()),
+                        fidelity(ens_out, raw_out),
+                    )
+                )
+                spreads.append(hydra.calibrate_spread(x_t, targets, batch_size=2048))
             hydra_out = outputs_of(hydra)
             if s == 0 and plot_outputs is None:
                 plot_outputs = hydra_out
@@ -1235,6 +1320,14 @@ def run(
             "seconds": time.perf_counter() - tick,
         }
         entry["goals"] = goals(methods, entry["hydra"], entry["fidelity"])
+        if spreads:
+            before = {
+                "hydra": mean_over_seeds([run for run, _ in uncalibrated]),
+                "fidelity": mean_over_seeds([fid for _, fid in uncalibrated]),
+            }
+            before["goals"] = goals(methods, before["hydra"], before["fidelity"])
+            entry["spread"] = {"mean": float(np.mean(spreads)), "per_seed": spreads}
+            entry["uncalibrated"] = before
         results["variants"][name] = entry
         if "hydra" not in methods:
             methods["hydra"] = entry["hydra"]
@@ -1309,12 +1402,18 @@ def add_arguments(parser) -> None:
             help=f"override the {name} epochs of the full or quick settings",
         )
     parser.add_argument(
+        "--student-dtype",
+        default=None,
+        choices=("mixed_bfloat16", "float32"),
+        help="dtype policy of the Hydra and KD students (default mixed_bfloat16)",
+    )
+    parser.add_argument(
         "--variant",
         action="append",
         default=None,
         choices=sorted(VARIANTS),
         help="Hydra variant (repeatable; default "
-        "cutmix_affine_x8_shallow_b128_lr2e3_logits; the first is `hydra`)",
+        "cutmix_affine_x8_shallow_b128_lr2e3_logits_spread; the first is `hydra`)",
     )
 
 
@@ -1329,6 +1428,7 @@ def main(args) -> None:
         "phase1_epochs": args.phase1_epochs,
         "phase2_epochs": args.phase2_epochs,
         "kd_epochs": args.kd_epochs,
+        "student_dtype": args.student_dtype,
     }
     config = dataclasses.replace(
         config, **{k: v for k, v in overrides.items() if v is not None}

@@ -116,6 +116,17 @@ def mirrored(out):
     facts["mirrored_weights"] = [is_mirrored(v) for v in model.weights]
     facts["mirrored_optimizer"] = [is_mirrored(v) for v in model.optimizer.variables]
     facts["head_shapes"] = [list(v.shape) for v in model.heads.weights]
+    # The spread, a mirrored weight assigned outside the train step: after
+    # more phase-2 epochs, so that the heads differ, both models calibrate to
+    # the single model's heads spread twice as far.
+    for trained in (single, model):
+        trained.fit(x, targets, batch_size=GLOBAL_BATCH, epochs=30, verbose=0)
+    raw = single.predict(x, verbose=0)
+    mean = raw.mean(axis=1, keepdims=True)
+    arrays["wider"] = mean + 2.0 * (raw - mean)
+    for name, trained in [("single", single), ("mirrored", model)]:
+        facts[f"{name}_spread"] = trained.calibrate_spread(x, arrays["wider"])
+        arrays[f"{name}_spread_outputs"] = trained.predict(x, verbose=0)
 
     # 63 examples: the last batch of 15 splits 8 + 7 over the replicas. Each
     # replica averages its share and Keras averages the replicas, so that step
