@@ -14,6 +14,11 @@ from keras_hydra.layers import DistributionHeads, HydraHeads
 tfd = distributions.tfd
 
 
+def _spread(values, factor):
+    """`mean + factor * (values - mean)`, the mean taken over heads (axis 1)."""
+    return factor * values + (1 - factor) * ops.mean(values, axis=1, keepdims=True)
+
+
 def _check_rank(shape, what: str) -> None:
     if len(shape) != 3:
         raise ValueError(
@@ -89,8 +94,7 @@ class Categorical:
         >>> np.asarray(Categorical(2).spread(logits, 2.0)).tolist()
         [[[0.0, 0.0], [4.0, 0.0]]]
         """
-        mean = ops.mean(outputs, axis=1, keepdims=True)
-        return factor * outputs + (1 - factor) * mean
+        return _spread(outputs, factor)
 
     def epistemic(self, outputs):
         """Per-example mutual information `[batch]` of head logits, in nats."""
@@ -233,10 +237,7 @@ class Distribution:
             return outputs
         pieces = ops.split(outputs, len(self.parameter_names), axis=-1)
         index = self.parameter_names.index("loc")
-        loc = pieces[index]
-        pieces[index] = factor * loc + (1 - factor) * ops.mean(
-            loc, axis=1, keepdims=True
-        )
+        pieces[index] = _spread(pieces[index], factor)
         return ops.concatenate(pieces, axis=-1)
 
     def epistemic(self, outputs):

@@ -99,7 +99,7 @@ class HydraModel(keras.Model):
             teacher = Ensemble(teacher, name="teacher")
         self._teacher = _Frozen(teacher) if teacher is not None else None
         # Read in float32 under mixed precision: a bfloat16 factor would be
-        # off by up to 0.4 %.
+        # off by up to 0.4 %, a bias that rounding the outputs does not have.
         self.spread = self.add_weight(
             shape=(), initializer="ones", trainable=False, autocast=False, name="spread"
         )
@@ -205,8 +205,11 @@ class HydraModel(keras.Model):
         if not hasattr(self.loss, "validate_targets"):
             return
         targets = self._sample_targets(x, y)
-        if targets is None:
-            return
+        if targets is not None:
+            self._check_targets(targets)
+
+    def _check_targets(self, targets: np.ndarray) -> None:
+        """Raises unless `targets` are finite teacher targets for these heads."""
         if not np.all(np.isfinite(targets)):
             bad = tuple(int(i) for i in np.argwhere(~np.isfinite(targets))[0])
             raise ValueError(
@@ -214,7 +217,9 @@ class HydraModel(keras.Model):
                 f"value {targets[bad]})."
             )
         self.head.validate_targets(targets)
-        self.loss.validate_targets(targets, self.num_heads)
+        loss = getattr(self, "loss", None)
+        if hasattr(loss, "validate_targets"):
+            loss.validate_targets(targets, self.num_heads)
 
     def _sample_targets(self, x, y) -> np.ndarray | None:
         if isinstance(x, tf.data.Dataset):
@@ -317,19 +322,28 @@ class HydraModel(keras.Model):
         transfer inputs and 0.75-0.77 on MNIST; calibrated on the transfer
         inputs (a factor of 1.04-1.05) they keep 0.82-0.85 on MNIST, with
         the same accuracy and NLL. Like temperature scaling, it is one scalar
-        fitted after training; the heads' mean is unchanged. `x` is best the
+        fitted after training. The heads' mean logits (or mean `loc`) stay
+        as they are; the averaged probabilities move little. `x` is best the
         transfer set the heads were distilled on (or held-out inputs), never
-        the out-of-distribution data it is meant to flag.
+        the out-of-distribution data it is meant to flag. With fewer heads
+        than members (`S < M`), the level matched is still the whole
+        teacher's, so the heads end up further apart than their groups'
+        means.
 
         Calibrate after training: `fit` trains the heads unscaled (the train
         step calls the model with `training=True`), while `predict`,
-        `evaluate`, `predict_uncertainty` and the exported SavedModel use
-        the spread. It is saved with the weights.
+        `evaluate`, `fit`'s validation metrics, `predict_uncertainty` and the
+        exported SavedModel use the spread. It is saved with the weights.
+        Under mixed precision the factor is applied in float32 and the
+        result rounded to the compute dtype, like the heads' outputs.
 
         Args:
-            x: inputs, as for `predict`.
+            x: inputs, as for `predict`, or a `tf.data.Dataset` of `(x, y)`
+                batches.
             y: the teacher's targets `[N, M, ...]` for `x`, as given to
-                `fit`; omit with an online teacher, which is then run on `x`.
+                `fit` (probabilities when the compiled loss has
+                `from_logits=False`); omit with an online teacher, which is
+                then run on `x`, or with a dataset of `(x, y)`.
             batch_size: int, as for `predict`.
             verbose: progress bar setting, as for `predict`.
 
@@ -338,9 +352,12 @@ class HydraModel(keras.Model):
 
         Raises:
             ValueError: if the model has one head, if there are no targets,
-                if targets and outputs do not match, or if no factor in
-                [1/64, 64] reaches the teacher's level (e.g. the members
-                agree everywhere on `x`). `spread` is then left as it was.
+                if they are not valid targets for the heads (as `fit`
+                checks them) or cover another number of examples than `x`,
+                or if no factor between 1/64 and 64 times the current spread
+                reaches the teacher's level (e.g. the members agree
+                everywhere on `x`, or a `Distribution` family has no `loc`).
+                `spread` is then left as it was.
 
         Example:
 
@@ -362,15 +379,19 @@ class HydraModel(keras.Model):
                 "calibrate_spread scales the disagreement between heads, but this "
                 "model has one head: call add_heads first."
             )
-        if y is None:
-            if self._teacher is None:
-                raise ValueError(
-                    "calibrate_spread needs the teacher's targets for `x`: pass "
-                    "them as `y`, or build the model with an online `teacher`."
-                )
+        if y is None and self._teacher is not None:
             y = predict_targets(self._teacher.model, x, batch_size=batch_size or 256)
+        elif y is None and isinstance(x, tf.data.Dataset):
+            y = [keras.utils.unpack_x_y_sample_weight(batch)[1] for batch in x]
+            y = None if any(b is None for b in y) else np.concatenate(y)
+        if y is None:
+            raise ValueError(
+                "calibrate_spread needs the teacher's targets for `x`: pass them "
+                "as `y` (or in a dataset of `(x, y)` batches), or build the model "
+                "with an online `teacher`."
+            )
         targets = np.asarray(ops.convert_to_numpy(y), "float32")
-        self.head.validate_targets(targets)
+        self._check_targets(targets)
         if not getattr(getattr(self, "loss", None), "from_logits", True):
             targets = np.log(np.maximum(targets, 1e-12))  # probabilities as logits
         outputs = ops.cast(
@@ -379,9 +400,10 @@ class HydraModel(keras.Model):
         if outputs.shape[0] != targets.shape[0]:
             raise ValueError(
                 f"The targets have shape {targets.shape} but the model's outputs "
-                f"on `x` have shape {tuple(outputs.shape)}: they must hold the same "
-                "examples, in order."
+                f"on `x` have shape {tuple(outputs.shape)}: they must cover the "
+                "same examples."
             )
+        # Only means are compared, so the examples need not be in the same order.
         goal = float(ops.mean(self.head.epistemic(targets)))
 
         def excess(log_factor):
@@ -390,16 +412,16 @@ class HydraModel(keras.Model):
 
         bounds = (-np.log(64.0), np.log(64.0))
         low, high = (excess(b) for b in bounds)
-        if not (np.isfinite(goal) and goal > 0 and low <= 0 <= high):
+        if not (goal > 0 and low <= 0 <= high):
             raise ValueError(
                 "calibrate_spread cannot match the teacher's mean epistemic "
                 f"uncertainty on `x` ({goal:.6g}): with the spread scaled by 1/64 "
                 f"to 64 the Hydra's ranges from {low + goal:.6g} to "
                 f"{high + goal:.6g}."
             )
-        factor = float(ops.convert_to_numpy(self.spread)) * float(
-            np.exp(optimize.brentq(excess, *bounds))
-        )
+        # To 1e-6 relative: the float32 means are no finer.
+        log_factor = optimize.brentq(excess, *bounds, xtol=1e-6)
+        factor = float(ops.convert_to_numpy(self.spread)) * float(np.exp(log_factor))
         self.spread.assign(factor)
         return factor
 
@@ -475,6 +497,14 @@ class HydraModel(keras.Model):
         if saved is not None:
             self._prepare_load(os.fspath(filepath), *saved)
         super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+
+    def load_own_variables(self, store):
+        # Files saved before `spread` existed hold no variables of the model's
+        # own; they load with the heads as trained (a spread of 1).
+        if not len(store.keys()):
+            self.spread.assign(1.0)
+            return
+        super().load_own_variables(store)
 
     def _prepare_load(self, filepath: str, num_heads, num_optimizer_vars) -> None:
         """Checks a weights file's layout and expands the head to match it."""

@@ -1,3 +1,4 @@
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -307,16 +308,81 @@ def test_calibrate_spread_errors_leave_the_spread():
         small_hydra().calibrate_spread(x, targets)
     model = small_hydra(num_heads=4)
     model.fit(x, targets, epochs=1, verbose=0)
-    with pytest.raises(ValueError, match="pass them as `y`"):
-        model.calibrate_spread(x)
-    with pytest.raises(ValueError, match=r"shape \(32, 4, 3\) .* \(64, 4, 3\)"):
-        model.calibrate_spread(x, targets[:32])
-    with pytest.raises(ValueError, match="have 5 classes"):
-        model.calibrate_spread(x, np.zeros((64, 4, 5), "float32"))
-    agreeing = np.repeat(targets[:, :1], 4, axis=1)  # no disagreement to match
-    with pytest.raises(ValueError, match=r"cannot match .* ranges from"):
-        model.calibrate_spread(x, agreeing)
-    assert float(model.spread) == 1.0
+    model.spread.assign(1.3)
+    nan = np.where(np.arange(targets.size).reshape(targets.shape) == 4, np.nan, targets)
+    cases = {
+        "pass them as `y`": (x, None),
+        "pass them as `y` .* dataset": (
+            tf.data.Dataset.from_tensor_slices(x).batch(8),
+            None,
+        ),
+        r"shape \(32, 4, 3\) .* \(64, 4, 3\)": (x, targets[:32]),
+        "have 5 classes": (x, np.zeros((64, 4, 5), "float32")),
+        "Cannot assign 6 teacher members to 4 heads": (x, np.zeros((64, 6, 3))),
+        r"NaN or Inf \(first at index \(0, 1, 1\)": (x, nan),
+        # Members that agree everywhere leave no disagreement to match.
+        "cannot match .* ranges from": (x, np.repeat(targets[:, :1], 4, axis=1)),
+    }
+    for message, (inputs, y) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            model.calibrate_spread(inputs, y)
+    assert float(model.spread) == pytest.approx(1.3)
+
+
+def test_calibrate_spread_takes_a_dataset_in_any_order():
+    x, targets = random_data(seed=2)
+    model = small_hydra(num_heads=4)
+    model.fit(x, targets, epochs=3, verbose=0)
+    factor = model.calibrate_spread(x, targets)
+    model.spread.assign(1.0)
+    # Only the means are matched, so a shuffled dataset gives the same factor.
+    data = tf.data.Dataset.from_tensor_slices((x, targets)).shuffle(64, seed=0)
+    assert model.calibrate_spread(data.batch(16)) == pytest.approx(factor, rel=1e-5)
+
+
+def test_calibrate_spread_with_fewer_heads_matches_the_whole_teacher():
+    x, targets = random_data(seed=4)
+    model = small_hydra(num_heads=2)  # 4 members: head s matches 2 of them
+    model.fit(x, targets, epochs=3, verbose=0)
+    model.calibrate_spread(x, targets)
+    np.testing.assert_allclose(
+        mean_mi(model.predict(x, verbose=0)), mean_mi(targets), rtol=1e-4
+    )
+
+
+def test_calibrated_spread_is_saved_and_loaded(tmp_path):
+    x, targets = random_data()
+    model = small_hydra(num_heads=4)
+    model.fit(x, targets, epochs=2, verbose=0)
+    factor = model.calibrate_spread(x, targets)
+    expected = model.predict(x, verbose=0)
+    model.save(tmp_path / "hydra.keras")
+    restored = keras.saving.load_model(tmp_path / "hydra.keras")
+    assert float(restored.spread) == pytest.approx(factor)
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), expected)
+    model.save_weights(tmp_path / "hydra.weights.h5")
+    fresh = small_hydra(num_heads=4)
+    fresh.build((None, 5))
+    fresh.load_weights(tmp_path / "hydra.weights.h5")
+    np.testing.assert_array_equal(fresh.predict(x, verbose=0), expected)
+
+
+def test_weights_saved_before_the_spread_existed_still_load(tmp_path):
+    x, targets = random_data()
+    model = small_hydra(num_heads=4)
+    model.fit(x, targets, epochs=1, verbose=0)
+    path = tmp_path / "old.weights.h5"
+    model.save_weights(path)
+    with h5py.File(path, "r+") as f:
+        del f["vars/0"]  # the layout before `spread`: no variables of its own
+    restored = small_hydra(num_heads=4)
+    restored.build((None, 5))
+    restored.spread.assign(2.0)
+    restored.load_weights(path)
+    assert float(restored.spread) == 1.0
+    np.testing.assert_array_equal(
+        restored.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
 
 
 def test_calibrate_spread_runs_an_online_teacher():

@@ -225,8 +225,9 @@ member exactly, and the per-head KL is lowest at about the distilled spread
 (scaling the heads' logit deviations by 1.05 raises it by 2.5 % on the
 training images). Scaling the deviations so that the Hydra's mean mutual
 information on the transfer set equals the teacher's (a factor of 1.04-1.05,
-fitted on training data only) lifts the MNIST ratio to 0.82-0.84 with the
-same accuracy, NLL and MNIST Spearman, and a slightly higher AUROC.
+fitted on training data only) lifts the MNIST ratio to 0.82-0.84 (float32
+students, seeds 0-2) with the same accuracy, NLL and MNIST Spearman, and a
+slightly higher AUROC.
 
 Over 3 seeds, one run, `keras-hydra benchmark classification` with the
 `_spread` default and bfloat16 students (`student_dtype`, below; the
@@ -483,10 +484,10 @@ class ClassificationConfig:
     The members train in float32; the students (Hydra and KD) under
     `student_dtype`, a Keras dtype policy. `"mixed_bfloat16"` computes in
     bfloat16 (losses, softmax and KL stay float32). On this CPU
-    (AVX512_BF16) it trained and scored the default's three Hydras in
-    602-641 s against 1043 s in float32 and the KD students in 252-262 s
-    against 299 s, with
-    scores within seed noise of float32's (module docstring).
+    (AVX512_BF16), in back-to-back runs, it trained and scored the
+    default's three Hydras in 602-641 s against 1043 s in float32 and the
+    KD students in 252-262 s against 299 s (984-1013 s in all against
+    1466 s), with scores within seed noise of float32's (module docstring).
     """
 
     members: int = 10
@@ -970,6 +971,17 @@ def mean_over_seeds(per_seed: list[dict]) -> dict:
     return {**mean(per_seed), "per_seed": per_seed}
 
 
+def summary(methods: dict, scored: list[tuple[dict, dict]]) -> dict:
+    """A Hydra's `evaluate` and `fidelity` per seed as means, with its goals."""
+    hydra = mean_over_seeds([run for run, _ in scored])
+    hydra_fidelity = mean_over_seeds([fid for _, fid in scored])
+    return {
+        "hydra": hydra,
+        "fidelity": hydra_fidelity,
+        "goals": goals(methods, hydra, hydra_fidelity),
+    }
+
+
 def goals(methods: dict, hydra: dict, hydra_fidelity: dict) -> dict:
     """The issue's targets for a Hydra, each as `{value, target, met}`."""
     ens, kd = methods["ensemble"], methods["kd"]
@@ -1290,44 +1302,36 @@ def run(
         variant = VARIANTS[name]
         tick = time.perf_counter()
         x_t, targets = transfer_set(variant)
-        runs, fids, uncalibrated, spreads = [], [], [], []
+        scored, uncalibrated, spreads = [], [], []
+
+        def score_hydra(hydra):
+            hydra_out = outputs_of(hydra)
+            run = evaluate(hydra_out, y_test, hydra.count_params())
+            return hydra_out, (run, fidelity(ens_out, hydra_out))
+
         for s in range(config.seeds):
             hydra = train_hydra(
                 x_t, targets, variant, config, config.seed + 2000 + s, len(x)
             )
             if variant.calibrate_spread:
-                raw_out = outputs_of(hydra)
-                uncalibrated.append(
-                    (
-                        evaluate(raw_out, y_test, hydra.count_params()),
-                        fidelity(ens_out, raw_out),
-                    )
-                )
+                uncalibrated.append(score_hydra(hydra)[1])
                 spreads.append(hydra.calibrate_spread(x_t, targets, batch_size=2048))
-            hydra_out = outputs_of(hydra)
+            hydra_out, result = score_hydra(hydra)
+            scored.append(result)
             if s == 0 and plot_outputs is None:
                 plot_outputs = hydra_out
-            runs.append(evaluate(hydra_out, y_test, hydra.count_params()))
-            fids.append(fidelity(ens_out, hydra_out))
         entry = {
             "variant": {
                 **asdict(variant),
                 "head_hidden": list(variant.head_hidden),
                 "body": list(variant.body),
             },
-            "hydra": mean_over_seeds(runs),
-            "fidelity": mean_over_seeds(fids),
+            **summary(methods, scored),
             "seconds": time.perf_counter() - tick,
         }
-        entry["goals"] = goals(methods, entry["hydra"], entry["fidelity"])
         if spreads:
-            before = {
-                "hydra": mean_over_seeds([run for run, _ in uncalibrated]),
-                "fidelity": mean_over_seeds([fid for _, fid in uncalibrated]),
-            }
-            before["goals"] = goals(methods, before["hydra"], before["fidelity"])
             entry["spread"] = {"mean": float(np.mean(spreads)), "per_seed": spreads}
-            entry["uncalibrated"] = before
+            entry["uncalibrated"] = summary(methods, uncalibrated)
         results["variants"][name] = entry
         if "hydra" not in methods:
             methods["hydra"] = entry["hydra"]
