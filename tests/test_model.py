@@ -361,7 +361,7 @@ def test_calibrated_spread_is_saved_and_loaded(tmp_path):
     assert float(restored.spread) == pytest.approx(factor)
     np.testing.assert_array_equal(restored.predict(x, verbose=0), expected)
     model.save_weights(tmp_path / "hydra.weights.h5")
-    fresh = small_hydra(num_heads=4)
+    fresh = kh.HydraModel(mlp_body(8), kh.heads.Categorical(3), 4)
     fresh.build((None, 5))
     fresh.load_weights(tmp_path / "hydra.weights.h5")
     np.testing.assert_array_equal(fresh.predict(x, verbose=0), expected)
@@ -375,7 +375,7 @@ def test_weights_saved_before_the_spread_existed_still_load(tmp_path):
     model.save_weights(path)
     with h5py.File(path, "r+") as f:
         del f["vars/0"]  # the layout before `spread`: no variables of its own
-    restored = small_hydra(num_heads=4)
+    restored = kh.HydraModel(mlp_body(8), kh.heads.Categorical(3), 4)
     restored.build((None, 5))
     restored.spread.assign(2.0)
     restored.load_weights(path)
