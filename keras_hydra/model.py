@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import json
@@ -406,6 +407,7 @@ class HydraModel(keras.Model):
         # Only means are compared, so the examples need not be in the same order.
         goal = float(ops.mean(self.head.epistemic(targets)))
 
+        @functools.cache  # brentq evaluates the bounds checked below again
         def excess(log_factor):
             spread = self.head.spread(outputs, float(np.exp(log_factor)))
             return float(ops.mean(self.head.epistemic(spread))) - goal

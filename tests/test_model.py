@@ -355,6 +355,7 @@ def test_calibrated_spread_is_saved_and_loaded(tmp_path):
     model = small_hydra(num_heads=4)
     model.fit(x, targets, epochs=2, verbose=0)
     factor = model.calibrate_spread(x, targets)
+    assert abs(factor - 1) > 0.01  # else an unsaved spread would go unnoticed
     expected = model.predict(x, verbose=0)
     model.save(tmp_path / "hydra.keras")
     restored = keras.saving.load_model(tmp_path / "hydra.keras")
