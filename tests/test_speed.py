@@ -45,6 +45,18 @@ def test_quick_run_counts_parameters_and_flops(quick):
     )
 
 
+def test_step_bound_model_has_the_hydras_weights_and_outputs(quick):
+    # The bound's model differs from the Hydra only in how its heads are
+    # computed: the same kernels and biases (the Hydra has `spread` besides),
+    # the same [batch, M, K] outputs and the same loss.
+    config = speed.SpeedConfig.quick()
+    dense = speed._dense(config, 5)
+    hydra = speed._hydra(config, 5)
+    assert dense.count_params() == hydra.count_params() - 1
+    assert tuple(dense.output.shape) == (None, 5, config.num_classes)
+    assert dense.loss.get_config() == hydra.loss.get_config()
+
+
 def test_quick_run_records_its_setting(quick):
     assert quick["config"] == {
         **vars(speed.SpeedConfig.quick()),
@@ -64,6 +76,9 @@ def test_ratios_follow_the_measurements(quick):
     )
     assert row["memory_ratio_f16"] == pytest.approx(
         row["hydra_peak_f16_mb"] / row["single_peak_mb"]
+    )
+    assert row["step_ratio_bound"] == pytest.approx(
+        row["dense_step_s"] / row["single_step_s"]
     )
     body, head = speed.flops(speed.SpeedConfig.quick())
     assert row["speedup_over_flop_bound"] == pytest.approx(

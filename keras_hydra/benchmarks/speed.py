@@ -13,7 +13,9 @@ classes) fed synthetic inputs, in one process:
   every product across cores, which scales less (`speedup_over_flop_bound`);
 - the train-step time of the Hydra (M heads, `HydraKL` on cached targets)
   and of a single model (the same with one head), beside the ratio of their
-  FLOPs, `(body + M head) / (body + head)`;
+  FLOPs, `(body + M head) / (body + head)`, and of a plain Keras model with
+  the same FLOPs and loss, whose one `Dense(M * 10)` layer holds all heads:
+  the bound for any implementation of the heads (`step_ratio_bound`);
 - forward + backward time of the heads alone, body excluded: `HydraHeads`
   against a Python loop of M Dense heads (traced into one graph), for linear
   heads and for heads with one 128-unit hidden layer;
@@ -66,6 +68,7 @@ KEYS = (
     "step_flop_ratio",
     "hydra_step_s",
     "single_step_s",
+    "dense_step_s",
     "loop_heads_step_s",
     "vectorized_heads_step_s",
     "loop_heads_hidden_step_s",
@@ -83,6 +86,7 @@ RATIOS = (
     "speedup_over_flop_ratio",
     "speedup_over_flop_bound",
     "step_ratio",
+    "step_ratio_bound",
     "heads_speedup",
     "heads_hidden_speedup",
     "heads_speedup_bound",
@@ -207,16 +211,30 @@ def _body(config: SpeedConfig, name: str = "body") -> keras.Sequential:
     )
 
 
-def _hydra(config: SpeedConfig, num_heads: int) -> HydraModel:
-    model = HydraModel(
-        _body(config), heads.Categorical(config.num_classes), num_heads=num_heads
-    )
+def _compile(model: keras.Model, config: SpeedConfig) -> None:
     model.compile(
         optimizer="adam",
         loss=losses.HydraKL(temperature=2.0),
         jit_compile=config.jit_compile,
     )
+
+
+def _hydra(config: SpeedConfig, num_heads: int) -> HydraModel:
+    model = HydraModel(
+        _body(config), heads.Categorical(config.num_classes), num_heads=num_heads
+    )
+    _compile(model, config)
     model.build((None, config.input_dim))
+    return model
+
+
+def _dense(config: SpeedConfig, num_heads: int) -> keras.Model:
+    """The Hydra's FLOPs and loss as a plain model: all heads in one `Dense`."""
+    inputs = keras.Input((config.input_dim,))
+    outputs = keras.layers.Dense(num_heads * config.num_classes)(_body(config)(inputs))
+    outputs = keras.layers.Reshape((num_heads, config.num_classes))(outputs)
+    model = keras.Model(inputs, outputs)
+    _compile(model, config)
     return model
 
 
@@ -265,7 +283,7 @@ def inference(config: SpeedConfig, num_heads: int, rng) -> dict:
     return results
 
 
-def _train_function(model: HydraModel, x, targets) -> Callable:
+def _train_function(model: keras.Model, x, targets) -> Callable:
     """Keras's compiled train step, fed the same batch from a repeated dataset."""
     iterator = iter(tf.data.Dataset.from_tensors((x, targets)).repeat())
     model.make_train_function()
@@ -274,13 +292,14 @@ def _train_function(model: HydraModel, x, targets) -> Callable:
 
 
 def train_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
-    """Seconds per train step of the Hydra and of a single-head model."""
+    """Seconds per train step of the Hydra, a single-head model and `_dense`."""
     x = rng.normal(size=(config.train_batch, config.input_dim)).astype("float32")
     targets = rng.normal(size=(config.train_batch, num_heads, config.num_classes))
     targets = targets.astype("float32")
     steps = {
         "hydra_step_s": _train_function(_hydra(config, num_heads), x, targets),
         "single_step_s": _train_function(_hydra(config, 1), x, targets[:, :1]),
+        "dense_step_s": _train_function(_dense(config, num_heads), x, targets),
     }
     return median_times(steps, config.warmup, config.repeats, config.calls_per_repeat)
 
@@ -485,13 +504,15 @@ def ratios(row: dict, num_heads: int = 1, body_share: float = 1.0) -> dict:
     >>> row = dict(hydra_throughput=90.0, ensemble_throughput=10.0,
     ...            body_throughput=95.0,
     ...            flop_ratio=10.0, hydra_step_s=1.1, single_step_s=1.0,
+    ...            dense_step_s=1.05,
     ...            loop_heads_step_s=4.0, vectorized_heads_step_s=1.0,
     ...            loop_heads_hidden_step_s=3.0, vectorized_heads_hidden_step_s=1.0,
     ...            dense_heads_step_s=0.5, dense_heads_hidden_step_s=1.5,
     ...            hydra_peak_mb=3.0, hydra_peak_f16_mb=2.5, single_peak_mb=2.0)
     >>> {k: round(v, 2) for k, v in ratios(row, num_heads=10).items()}
     {'inference_speedup': 9.0, 'speedup_over_flop_ratio': 0.9,
-     'speedup_over_flop_bound': 0.95, 'step_ratio': 1.1, 'heads_speedup': 4.0,
+     'speedup_over_flop_bound': 0.95, 'step_ratio': 1.1,
+     'step_ratio_bound': 1.05, 'heads_speedup': 4.0,
      'heads_hidden_speedup': 3.0, 'heads_speedup_bound': 8.0,
      'heads_hidden_speedup_bound': 2.0, 'memory_ratio': 1.5,
      'memory_ratio_f16': 1.25}
@@ -504,6 +525,7 @@ def ratios(row: dict, num_heads: int = 1, body_share: float = 1.0) -> dict:
         * body_share
         / (num_heads * row["ensemble_throughput"]),
         "step_ratio": row["hydra_step_s"] / row["single_step_s"],
+        "step_ratio_bound": row["dense_step_s"] / row["single_step_s"],
         "heads_speedup": row["loop_heads_step_s"] / row["vectorized_heads_step_s"],
         "heads_hidden_speedup": row["loop_heads_hidden_step_s"]
         / row["vectorized_heads_hidden_step_s"],
@@ -529,6 +551,7 @@ def table(results: dict) -> str:
         ("Hydra step ms", "hydra_step_s"),
         ("single step ms", "single_step_s"),
         ("step ratio", "step_ratio"),
+        ("step bound", "step_ratio_bound"),
         ("step FLOP ratio", "step_flop_ratio"),
         ("heads loop/vec", "heads_speedup"),
         ("hidden heads loop/vec", "heads_hidden_speedup"),
