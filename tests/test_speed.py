@@ -45,7 +45,7 @@ def test_quick_run_counts_parameters_and_flops(quick):
     )
 
 
-def test_step_bound_model_has_the_hydras_weights_and_outputs(quick):
+def test_step_bound_model_has_the_hydras_weights_and_outputs():
     # The bound's model differs from the Hydra only in how its heads are
     # computed: the same kernels and biases (the Hydra has `spread` besides),
     # the same [batch, M, K] outputs and the same loss.
