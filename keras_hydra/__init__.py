@@ -3,6 +3,7 @@
 from keras_hydra import (
     callbacks,
     data,
+    distillation,
     distributions,
     evaluation,
     export,
@@ -10,19 +11,24 @@ from keras_hydra import (
     layers,
     losses,
     metrics,
+    recipes,
     regularizers,
     teacher,
     transfer,
     uncertainty,
 )
 from keras_hydra.model import HydraModel
+from keras_hydra.recipes import HydraRecipe, distill
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HydraModel",
+    "HydraRecipe",
+    "distill",
     "callbacks",
     "data",
+    "distillation",
     "distributions",
     "evaluation",
     "export",
@@ -30,6 +36,7 @@ __all__ = [
     "layers",
     "losses",
     "metrics",
+    "recipes",
     "regularizers",
     "teacher",
     "transfer",

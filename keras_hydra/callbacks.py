@@ -8,7 +8,6 @@ from collections.abc import Callable
 import keras
 import numpy as np
 from keras import ops
-from scipy import stats
 
 from keras_hydra import uncertainty
 from keras_hydra.losses import HydraKL
@@ -245,6 +244,8 @@ class FidelityMonitor(keras.callbacks.Callback):
 
     def compute(self) -> dict:
         """The three fidelity values of the current model, as floats."""
+        from scipy import stats
+
         outputs = self.model.predict(self.x, batch_size=self.batch_size, verbose=0)
         mi = uncertainty.categorical(outputs)["epistemic_uncertainty"]
         disagreement = HeadDisagreement()

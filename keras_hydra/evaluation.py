@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
-from sklearn import metrics
 
 
 def ood_auroc(in_scores, out_scores) -> dict:
@@ -28,6 +26,8 @@ def ood_auroc(in_scores, out_scores) -> dict:
     >>> ood_auroc([0.1, 0.2, 0.3], [0.25, 0.9])["auroc"]
     0.8333...
     """
+    from sklearn import metrics  # here, so `import keras_hydra` stays light
+
     in_scores = np.asarray(in_scores, dtype="float64").ravel()
     out_scores = np.asarray(out_scores, dtype="float64").ravel()
     if in_scores.size == 0 or out_scores.size == 0:
@@ -49,6 +49,8 @@ def ood_auroc(in_scores, out_scores) -> dict:
 
 def _expected_abs(mu, var):
     """E|X| for X ~ N(mu, var)."""
+    from scipy import stats
+
     sigma = np.sqrt(var)
     z = mu / sigma
     return 2 * sigma * stats.norm.pdf(z) + mu * (2 * stats.norm.cdf(z) - 1)

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
-import io
-import json
-import os
-import zipfile
 from collections.abc import Sequence
 
-import h5py
 import keras
-import numpy as np
-import tensorflow as tf
 from keras import ops
-from scipy import optimize
 
+from keras_hydra import (
+    _keras_internals,
+    calibration,
+    checkpoints,
+    optimizer_state,
+    validation,
+)
 from keras_hydra.teacher import Ensemble
-from keras_hydra.teacher import predict as predict_targets
-
-_SAMPLE_SIZE = 32  # examples run through an online teacher to check its outputs
 
 
 class _Frozen:
@@ -131,41 +126,17 @@ class HydraModel(keras.Model):
 
     def train_step(self, data):
         logs = super().train_step(self._with_teacher_targets(data))
-        return self._reducible(logs)
+        return _keras_internals.reducible_logs(logs, self.distribute_strategy)
 
     def test_step(self, data):
         logs = super().test_step(self._with_teacher_targets(data))
-        return self._reducible(logs)
-
-    def _reducible(self, logs: dict) -> dict:
-        """Gives scalar logs a batch axis of 1 under multi-worker training.
-
-        Keras (keras-team/keras#20585) reduces each log of a multi-worker
-        step with `strategy.reduce("MEAN", value, axis=0)`, which rejects
-        scalars. With an axis of length 1 that reduction is the mean over
-        replicas, what Keras computes for `MirroredStrategy`. Should Keras
-        switch to `axis=None`, logs would come back with shape `[1]`, which
-        `tests/test_scale.py::test_multi_worker_logs_are_scalars` catches.
-        """
-        if not _is_multi_worker(self.distribute_strategy):
-            return logs
-        return keras.tree.map_structure(
-            lambda v: ops.reshape(v, (1,)) if len(v.shape) == 0 else v, logs
-        )
+        return _keras_internals.reducible_logs(logs, self.distribute_strategy)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras builds from the first batch averaged over replicas by
-        # `strategy.reduce` (keras-team/keras#20585), which fails under
-        # multi-worker collectives and when replicas hold unequal parts of a
-        # batch. Only shapes matter for that build: replica 0's part will do.
-        if iterator is not None and self._distribute_strategy is not None:
-            local = self._distribute_strategy.experimental_local_results
-            for _, _, batches in iterator:
-                data_batch = keras.tree.map_structure(
-                    lambda v: local(v)[0], next(batches), none_is_leaf=False
-                )
-                break
-            iterator = None
+        # keras-team/keras#20585; see `_keras_internals.first_replica_batch`.
+        first = _keras_internals.first_replica_batch(self, iterator)
+        if first is not None:
+            iterator, data_batch = None, first
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _with_teacher_targets(self, data):
@@ -177,61 +148,22 @@ class HydraModel(keras.Model):
 
     def fit(self, x=None, y=None, *args, **kwargs):
         bound = inspect.signature(super().fit).bind(x, y, *args, **kwargs)
-        self._validate_data(x, y)
+        validation.validate_data(self, x, y)
         validation_data = bound.arguments.get("validation_data")
         if validation_data is not None:
             if isinstance(validation_data, tuple):
-                self._validate_data(*validation_data[:2])
+                validation.validate_data(self, *validation_data[:2])
             else:
-                self._validate_data(validation_data, None)
+                validation.validate_data(self, validation_data, None)
         for callback in bound.arguments.get("callbacks") or ():
             if isinstance(callback, keras.callbacks.BackupAndRestore):
-                _check_backup(callback)
-        # Keras never resets `_initial_epoch`, which `BackupAndRestore` sets
-        # when it restores: without this, a later `fit` in the same process
-        # (e.g. phase 2 after a restored phase 1) would silently skip epochs.
-        self._initial_epoch = None
+                checkpoints.check_backup(callback)
+        _keras_internals.forget_restored_epoch(self)
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
-        self._validate_data(x, y)
+        validation.validate_data(self, x, y)
         return super().evaluate(x, y, *args, **kwargs)
-
-    def _validate_data(self, x, y) -> None:
-        """Checks a sample of the teacher targets before any training step.
-
-        Only distillation losses (those with `validate_targets`) take teacher
-        targets; other losses, e.g. an NLL on labels, are left to Keras.
-        """
-        if not hasattr(self.loss, "validate_targets"):
-            return
-        targets = self._sample_targets(x, y)
-        if targets is not None:
-            self._check_targets(targets)
-
-    def _check_targets(self, targets: np.ndarray) -> None:
-        """Raises unless `targets` are finite teacher targets for these heads."""
-        if not np.all(np.isfinite(targets)):
-            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(targets))[0])
-            raise ValueError(
-                f"Teacher targets contain NaN or Inf (first at index {bad}, "
-                f"value {targets[bad]})."
-            )
-        self.head.validate_targets(targets)
-        loss = getattr(self, "loss", None)
-        if hasattr(loss, "validate_targets"):
-            loss.validate_targets(targets, self.num_heads)
-
-    def _sample_targets(self, x, y) -> np.ndarray | None:
-        if isinstance(x, tf.data.Dataset):
-            x, y, _ = keras.utils.unpack_x_y_sample_weight(next(iter(x.take(1))))
-        elif self._teacher is not None:
-            x = keras.tree.map_structure(lambda a: a[:_SAMPLE_SIZE], x)
-        if self._teacher is not None:
-            y = self._teacher.model(x, training=False)
-        if y is None or not hasattr(y, "shape"):
-            return None  # generators and PyDatasets are not inspected
-        return np.asarray(ops.convert_to_numpy(y))
 
     def add_heads(
         self,
@@ -253,7 +185,7 @@ class HydraModel(keras.Model):
         wherever phase 2's data does not pull them apart; fresh heads differ
         everywhere from the start, as independently trained members do, which
         keeps more disagreement away from the training data
-        (`keras-hydra benchmark classification` measures both).
+        (the `image_ood` recipe uses fresh heads).
 
         Args:
             num_heads: int, the new number of heads, usually the ensemble size.
@@ -286,17 +218,12 @@ class HydraModel(keras.Model):
             heads = self.heads.expand(
                 int(num_heads), noise_stddev, seed, copy=copy_head
             )
-            # Keras locks a built layer's state; swapping the heads is the one
-            # deliberate exception.
-            self._tracker.unlock()
-            self._tracker.untrack(self.heads)
-            self.heads = heads
-            self._lock_state()
+            _keras_internals.replace_layer(self, "heads", heads)
             self.num_heads = int(num_heads)
             # An uncompiled model has no `optimizer` attribute at all.
             optimizer = getattr(self, "optimizer", None)
             if optimizer is not None and optimizer.built:
-                self.optimizer = _rebuilt_optimizer(
+                self.optimizer = optimizer_state.expanded(
                     self.optimizer, self.trainable_variables, copy_head
                 )
         # The compiled step functions were traced for the old heads.
@@ -318,13 +245,10 @@ class HydraModel(keras.Model):
         follow the members' own deviations, so, as in any regression, the
         fitted deviations come out smaller. The per-head KL is then lowest
         near a spread of 1 while the heads' mutual information falls short
-        of the members'. In `keras-hydra benchmark classification` the heads
-        keep about 0.91 of the members' mutual information on their own
-        transfer inputs and 0.75-0.77 on MNIST; calibrated on the transfer
-        inputs (a factor of 1.04-1.05) they keep 0.82-0.85 on MNIST, with
-        the same accuracy and NLL. Like temperature scaling, it is one scalar
-        fitted after training. The heads' mean logits (or mean `loc`) stay
-        as they are; the averaged probabilities move little. `x` is best the
+        of the members' (RESULTS.md has the measurements). Like temperature
+        scaling, it is one scalar fitted after training. The heads' mean
+        logits (or mean `loc`) stay as they are; the averaged probabilities
+        move little. `x` is best the
         transfer set the heads were distilled on (or held-out inputs), never
         the out-of-distribution data it is meant to flag. With fewer heads
         than members (`S < M`), the level matched is still the whole
@@ -375,57 +299,7 @@ class HydraModel(keras.Model):
         >>> bool(np.isclose(hydra_mi.mean(), np.mean(teacher_mi), rtol=1e-4))
         True
         """
-        if self.num_heads == 1:
-            raise ValueError(
-                "calibrate_spread scales the disagreement between heads, but this "
-                "model has one head: call add_heads first."
-            )
-        if y is None and self._teacher is not None:
-            y = predict_targets(self._teacher.model, x, batch_size=batch_size or 256)
-        elif y is None and isinstance(x, tf.data.Dataset):
-            y = [keras.utils.unpack_x_y_sample_weight(batch)[1] for batch in x]
-            y = None if any(b is None for b in y) else np.concatenate(y)
-        if y is None:
-            raise ValueError(
-                "calibrate_spread needs the teacher's targets for `x`: pass them "
-                "as `y` (or in a dataset of `(x, y)` batches), or build the model "
-                "with an online `teacher`."
-            )
-        targets = np.asarray(ops.convert_to_numpy(y), "float32")
-        self._check_targets(targets)
-        if not getattr(getattr(self, "loss", None), "from_logits", True):
-            targets = np.log(np.maximum(targets, 1e-12))  # probabilities as logits
-        outputs = ops.cast(
-            self.predict(x, batch_size=batch_size, verbose=verbose), "float32"
-        )
-        if outputs.shape[0] != targets.shape[0]:
-            raise ValueError(
-                f"The targets have shape {targets.shape} but the model's outputs "
-                f"on `x` have shape {tuple(outputs.shape)}: they must cover the "
-                "same examples."
-            )
-        # Only means are compared, so the examples need not be in the same order.
-        goal = float(ops.mean(self.head.epistemic(targets)))
-
-        @functools.cache  # brentq evaluates the bounds checked below again
-        def excess(log_factor):
-            spread = self.head.spread(outputs, float(np.exp(log_factor)))
-            return float(ops.mean(self.head.epistemic(spread))) - goal
-
-        bounds = (-np.log(64.0), np.log(64.0))
-        low, high = (excess(b) for b in bounds)
-        if not (goal > 0 and low <= 0 <= high):
-            raise ValueError(
-                "calibrate_spread cannot match the teacher's mean epistemic "
-                f"uncertainty on `x` ({goal:.6g}): with the spread scaled by 1/64 "
-                f"to 64 the Hydra's ranges from {low + goal:.6g} to "
-                f"{high + goal:.6g}."
-            )
-        # To 1e-6 relative: the float32 means are no finer.
-        log_factor = optimize.brentq(excess, *bounds, xtol=1e-6)
-        factor = float(ops.convert_to_numpy(self.spread)) * float(np.exp(log_factor))
-        self.spread.assign(factor)
-        return factor
+        return calibration.calibrate_spread(self, x, y, batch_size, verbose)
 
     def load_weights(self, filepath, skip_mismatch: bool = False, **kwargs) -> None:
         """Loads weights, expanding a single head first if the file has M heads.
@@ -495,9 +369,7 @@ class HydraModel(keras.Model):
         >>> restored.num_heads
         4
         """
-        saved = _saved_layout(filepath)
-        if saved is not None:
-            self._prepare_load(os.fspath(filepath), *saved)
+        checkpoints.prepare_load(self, filepath)
         super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
 
     def load_own_variables(self, store):
@@ -507,40 +379,6 @@ class HydraModel(keras.Model):
             self.spread.assign(1.0)
             return
         super().load_own_variables(store)
-
-    def _prepare_load(self, filepath: str, num_heads, num_optimizer_vars) -> None:
-        """Checks a weights file's layout and expands the head to match it."""
-        if num_heads is None:
-            raise ValueError(
-                f"The weights file {filepath} was not saved from a HydraModel: it "
-                "has no `heads` weights. Is this the right checkpoint or backup "
-                "directory?"
-            )
-        if num_heads != self.num_heads:
-            if self.num_heads != 1 or not self.built:
-                raise ValueError(
-                    f"The weights file {filepath} holds {num_heads} heads but this "
-                    f"model has {self.num_heads}"
-                    + ("" if self.built else " and is not built")
-                    + ": only a built single-head model can be expanded to match."
-                )
-            had_train_function = self.train_function is not None
-            self.add_heads(num_heads)
-            if had_train_function:  # called inside `fit` (BackupAndRestore)
-                self.make_train_function(force=True)
-        optimizer = getattr(self, "optimizer", None)
-        if (
-            num_optimizer_vars is not None
-            and optimizer is not None
-            and optimizer.built
-            and num_optimizer_vars != len(optimizer.variables)
-        ):
-            raise ValueError(
-                f"The weights file {filepath} holds {num_optimizer_vars} optimizer "
-                f"variables but optimizer {optimizer.name!r} has "
-                f"{len(optimizer.variables)}: it was saved with another "
-                "optimizer or model."
-            )
 
     def predict_uncertainty(self, x, batch_size: int | None = None, verbose=0) -> dict:
         """Predicts and splits the uncertainty, as numpy arrays.
@@ -593,111 +431,3 @@ class HydraModel(keras.Model):
         config["body"] = keras.saving.deserialize_keras_object(config["body"])
         config["head"] = keras.saving.deserialize_keras_object(config["head"])
         return cls(**config)
-
-
-def _is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
-    return (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
-    )
-
-
-def _check_backup(callback: keras.callbacks.BackupAndRestore) -> None:
-    """Raises if a backup directory would restore a wrong training state.
-
-    Keras restores the weights and the epoch from two files, written one
-    after the other, and reads whichever exists: weights without the epoch
-    would re-run every epoch from trained weights, an epoch without weights
-    would skip epochs from the initial ones. Both files present, or neither,
-    is a consistent state.
-    """
-    weights = os.path.exists(callback._weights_path)
-    metadata = os.path.exists(callback._training_metadata_path)
-    if weights == metadata:
-        if metadata:
-            with open(callback._training_metadata_path) as f:
-                text = f.read()
-            try:
-                epoch = json.loads(text)["epoch"]
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(
-                    f"The backup directory {callback.backup_dir} has an unreadable "
-                    f"training_metadata.json ({text[:80]!r}). Delete the directory "
-                    "to train from the start."
-                ) from error
-            if not isinstance(epoch, int) or epoch < 0:
-                raise ValueError(
-                    f"The backup directory {callback.backup_dir} records epoch "
-                    f"{epoch!r}, not an epoch count."
-                )
-        return
-    present, missing = (
-        ("weights", "training_metadata.json")
-        if weights
-        else ("training_metadata.json", "latest.weights.h5")
-    )
-    raise ValueError(
-        f"The backup directory {callback.backup_dir} has {present} but no "
-        f"{missing} (the process may have died while writing the backup): "
-        "resuming from it would train the wrong epochs. Delete the directory to "
-        "train from the start."
-    )
-
-
-def _saved_layout(filepath) -> tuple[int | None, int | None] | None:
-    """`(num_heads, num_optimizer_variables)` of a Keras weights file.
-
-    Either is `None` when the file has no such weights. Returns `None` for
-    files this does not inspect (sharded `.weights.json`), left to Keras.
-    Raises `OSError` naming the file if it is not a readable HDF5 file.
-    """
-    path = os.fspath(filepath)
-    try:
-        if path.endswith(".weights.h5"):
-            with h5py.File(path, "r") as f:
-                return _layout_of(f)
-        if path.endswith(".keras"):
-            with zipfile.ZipFile(path) as archive:
-                data = io.BytesIO(archive.read("model.weights.h5"))
-            with h5py.File(data, "r") as f:
-                return _layout_of(f)
-    except (OSError, zipfile.BadZipFile, KeyError) as error:
-        raise OSError(
-            f"Cannot read the weights file {path}: it is corrupt, truncated or "
-            f"not a Keras weights file ({type(error).__name__}: {error})."
-        ) from error
-    return None
-
-
-def _layout_of(f: h5py.File) -> tuple[int | None, int | None]:
-    kernel = f.get("heads/vars/0")
-    optimizer = f.get("optimizer/vars")
-    return (
-        int(kernel.shape[0]) if isinstance(kernel, h5py.Dataset) else None,
-        len(optimizer) if isinstance(optimizer, h5py.Group) else None,
-    )
-
-
-def _rebuilt_optimizer(optimizer, variables, copy_head: bool = True):
-    """A copy of `optimizer` built for `variables`, with the state carried over.
-
-    Optimizer variables are created in the order of the model's variables,
-    and `add_heads` keeps that order, so the old and new lists align one to
-    one. A head's slot of leading size 1 is repeated for each new head, or
-    left at its initial value when the heads are fresh (`copy_head=False`).
-    """
-    rebuilt = optimizer.__class__.from_config(optimizer.get_config())
-    rebuilt.build(variables)
-    if len(rebuilt.variables) != len(optimizer.variables):
-        raise RuntimeError(
-            f"Cannot carry the state of optimizer {optimizer.name} over "
-            "add_heads: its variables do not follow the model's."
-        )
-    for new, old in zip(rebuilt.variables, optimizer.variables, strict=True):
-        value = ops.convert_to_numpy(old)
-        if tuple(new.shape) != tuple(old.shape):
-            if not copy_head:
-                continue
-            value = np.repeat(value, new.shape[0], axis=0)
-        new.assign(value)
-    return rebuilt

@@ -14,8 +14,10 @@ class Ensemble(keras.Model):
     """Stacks the outputs of M member models into `[batch, M, ...]`.
 
     Used to compute a Hydra's targets, offline with `predict` below or online
-    inside the train step (`HydraModel(..., teacher=members)`). The members
-    are always called with `training=False`.
+    inside the train step (`HydraModel(..., teacher=members)`, which calls it
+    with `training=False`). `training` is passed through to the members, so
+    members with Dropout or BatchNormalization trained together through
+    `Ensemble.fit` train in training mode.
 
     Args:
         members: sequence of Keras models that take the same inputs and return
@@ -37,7 +39,7 @@ class Ensemble(keras.Model):
         self.members = members
 
     def call(self, inputs, training=None):
-        return ops.stack([m(inputs, training=False) for m in self.members], axis=1)
+        return ops.stack([m(inputs, training=training) for m in self.members], axis=1)
 
     def get_config(self):
         config = super().get_config()
@@ -53,7 +55,7 @@ class Ensemble(keras.Model):
 
 
 def predict(
-    members: Sequence[keras.Model] | Ensemble,
+    members: Sequence[keras.Model] | keras.Model,
     x,
     batch_size: int = 256,
     dtype: str = "float32",
@@ -66,7 +68,9 @@ def predict(
     computed once, never per epoch.
 
     Args:
-        members: the teacher's member models, or an `Ensemble` of them.
+        members: the teacher's member models, or one model whose outputs are
+            already stacked `[batch, M, ...]` (an `Ensemble`, or a
+            `HydraModel` with M heads).
         x: inputs: a numpy array (or structure of arrays) or a `tf.data.Dataset`
             in a fixed order (do not shuffle it, or targets misalign).
         batch_size: int, examples per batch for array inputs.
@@ -85,6 +89,6 @@ def predict(
     >>> predict(members, np.zeros((10, 5), "float32"), dtype="float16").shape
     (10, 4, 3)
     """
-    ensemble = members if isinstance(members, Ensemble) else Ensemble(members)
+    ensemble = members if isinstance(members, keras.Model) else Ensemble(members)
     outputs = ensemble.predict(x, batch_size=batch_size, verbose=verbose)
     return outputs.astype(dtype, copy=False)

@@ -5,6 +5,11 @@ agree most; their disagreement off the training data (what flags
 out-of-distribution inputs) is learnt only as far as the body extrapolates.
 Adding inputs around the training data to the transfer set, with the
 teacher's targets on them, shows the heads that disagreement.
+
+The functions below make one such input per row. The `Transform` classes
+(`CutMix`, `Affine`, `Mixup`, `GaussianNoise`) wrap them for
+`keras_hydra.HydraRecipe.transforms`: callables `transform(x, seed)` that
+return one transformed copy of every row, with a config.
 """
 
 from __future__ import annotations
@@ -210,7 +215,7 @@ def diversified(
     the targets on these inputs show how the members differ off the
     training data. Whether a Hydra distilled on them keeps more of the
     ensemble's out-of-distribution disagreement is an empirical question:
-    `keras-hydra benchmark classification --variant ods` measures it.
+    RESULTS.md records what it did in the Fashion-MNIST benchmark.
 
     Args:
         members: the teacher's members (classifiers), or an `Ensemble`.
@@ -264,3 +269,130 @@ def diversified(
         )
     moved = np.concatenate(moved) if moved else x.copy()
     return np.clip(moved, *clip) if clip is not None else moved
+
+
+class Transform:
+    """Base of the transfer transformations: config, equality, `from_config`.
+
+    A subclass implements `__call__(x, seed)`, returning one transformed copy
+    of every row of `x`, and `get_config`.
+    """
+
+    def __call__(self, x: np.ndarray, seed: int | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Transform:
+        return cls(**config)
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, repr(sorted(self.get_config().items()))))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+@keras.saving.register_keras_serializable(package="keras_hydra")
+class CutMix(Transform):
+    """A `HydraRecipe` transformation: `cutmix` on images `[N, H, W(, C)]`.
+
+    Example:
+
+    >>> x = np.stack([np.zeros((4, 4)), np.ones((4, 4))]).astype("float32")
+    >>> CutMix()(x, seed=0).shape
+    (2, 4, 4)
+    """
+
+    def __call__(self, x: np.ndarray, seed: int | None = None) -> np.ndarray:
+        return cutmix(x, seed=seed)
+
+
+@keras.saving.register_keras_serializable(package="keras_hydra")
+class Affine(Transform):
+    """A `HydraRecipe` transformation: `affine` on images `[N, H, W(, C)]`.
+
+    Args:
+        zoom: `(low, high)` zoom factors, as for `affine`.
+        translation: float, the largest shift, as for `affine`.
+        rotation: float, the largest rotation, as for `affine`.
+
+    Example:
+
+    >>> x = np.ones((2, 8, 8, 1), "float32")
+    >>> Affine(zoom=(1.0, 1.0))(x, seed=0).shape
+    (2, 8, 8, 1)
+    """
+
+    def __init__(
+        self,
+        zoom: Sequence[float] = (0.0, 0.6),
+        translation: float = 0.15,
+        rotation: float = 0.05,
+    ):
+        self.zoom = tuple(float(z) for z in zoom)
+        self.translation = float(translation)
+        self.rotation = float(rotation)
+
+    def __call__(self, x: np.ndarray, seed: int | None = None) -> np.ndarray:
+        return affine(x, None, self.zoom, self.translation, self.rotation, seed)
+
+    def get_config(self) -> dict:
+        return {
+            "zoom": list(self.zoom),
+            "translation": self.translation,
+            "rotation": self.rotation,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_hydra")
+class Mixup(Transform):
+    """A `HydraRecipe` transformation: `mixup` on inputs of any shape.
+
+    Example:
+
+    >>> Mixup()(np.eye(4, dtype="float32"), seed=0).shape
+    (4, 4)
+    """
+
+    def __call__(self, x: np.ndarray, seed: int | None = None) -> np.ndarray:
+        return mixup(np.asarray(x, "float32"), seed=seed)
+
+
+@keras.saving.register_keras_serializable(package="keras_hydra")
+class GaussianNoise(Transform):
+    """A `HydraRecipe` transformation: `x + N(0, stddev^2)` noise, optionally clipped.
+
+    Args:
+        stddev: float >= 0, the noise's standard deviation, in the inputs'
+            units (standard units for standardised tables).
+        clip: optional `(low, high)` range of valid inputs, e.g. `(0, 1)`.
+
+    Example:
+
+    >>> noisy = GaussianNoise(0.1)(np.zeros((1000, 2), "float32"), seed=0)
+    >>> round(float(noisy.std()), 1)
+    0.1
+    """
+
+    def __init__(self, stddev: float, clip: Sequence[float] | None = None):
+        if not float(stddev) >= 0:
+            raise ValueError(f"`stddev` must be >= 0. Received: {stddev}")
+        self.stddev = float(stddev)
+        self.clip = None if clip is None else tuple(float(c) for c in clip)
+
+    def __call__(self, x: np.ndarray, seed: int | None = None) -> np.ndarray:
+        x = np.asarray(x, "float32")
+        rng = np.random.default_rng(seed)
+        noisy = x + rng.normal(0.0, self.stddev, x.shape).astype("float32")
+        return noisy if self.clip is None else np.clip(noisy, *self.clip)
+
+    def get_config(self) -> dict:
+        clip = None if self.clip is None else list(self.clip)
+        return {"stddev": self.stddev, "clip": clip}

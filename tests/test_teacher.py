@@ -83,3 +83,33 @@ def test_online_teacher_outputs_are_checked():
         assert "have 4 classes" in str(error)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_ensemble_passes_training_to_its_members():
+    x = np.ones((256, 5), "float32")
+    dropout = keras.Sequential([keras.layers.Dropout(0.5, seed=0)])
+    ensemble = kh.teacher.Ensemble([dropout])
+    # Inference mode keeps the inputs; training mode drops about half of
+    # them and scales the rest by 2.
+    np.testing.assert_array_equal(ensemble(x, training=False)[:, 0], x)
+    dropped = np.asarray(ensemble(x, training=True)[:, 0])
+    assert set(np.unique(dropped)) == {0.0, 2.0}
+    assert 0.4 < np.mean(dropped == 0.0) < 0.6
+    # Trained through `Ensemble.fit`, a BatchNormalization member updates its
+    # moving statistics (it would not in inference mode) towards the data's.
+    keras.utils.set_random_seed(0)
+    data = np.random.default_rng(0).normal(3.0, 2.0, (512, 5)).astype("float32")
+    member = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.BatchNormalization(momentum=0.5),
+            keras.layers.Dense(2),
+        ]
+    )
+    trained = kh.teacher.Ensemble([member])
+    trained.compile("sgd", "mse")
+    trained.fit(
+        data, np.zeros((512, 1, 2), "float32"), batch_size=64, epochs=2, verbose=0
+    )
+    moving_mean = np.asarray(member.layers[0].moving_mean)
+    np.testing.assert_allclose(moving_mean, data.mean(axis=0), atol=0.5)

@@ -2,43 +2,16 @@
 
 For each split: a deep ensemble of M Normal-output MLPs trained with NLL
 (trained together as one model of M independent networks, which is the same
-as training them one by one on the same batches), then, for each student
-variant, a Hydra distilled from it (phase 1, `add_heads`, phase 2) and a
-single-head KD student with the same body, all evaluated on the test split in
-the target's original units.
+as training them one by one on the same batches), then, for each `--recipe`
+(a `keras_hydra.HydraRecipe` preset, default `tabular_regression`), a Hydra
+distilled from it with `keras_hydra.distill` and a single-head KD student
+with `recipe.kd()`, on the body `RegressionConfig.student_bodies` gives the
+recipe, all evaluated on the test split in the target's original units.
 
-A `Student` variant says how both students are distilled: `plain` (the
-default) distils on the training inputs with a 2x50 body, linear heads, a
-constant learning rate and as many steps per phase as the members took. The
-others change one thing at a time or combine them: a transfer set with
-Gaussian-perturbed copies of the training inputs (`augment`, which teaches
-the students the ensemble's behaviour between training points), longer
-phases with a cosine-decaying learning rate (`long`), a wider body, hidden
-layers in the heads, noise on the expanded heads.
-
-Measured on splits 0-1 of Yacht, Energy and Naval (Hydra's test NLL minus
-the ensemble's): `plain` +0.27, +0.24, +0.62; `augment` +0.18, +0.13, +0.61;
-`augment_long` +0.00, -0.03, +0.20; `augment_long_wide` +0.01, -0.01, +0.10.
-Longer distillation with a decaying learning rate matters most; the
-perturbed inputs and the wider body add to it. Widening further helps again,
-for the same steps: on splits 0-2, `augment_long_wide` / `augment_longer_wide`
-(twice the steps) / `augment_long_wider` (2x200 body) gave +0.107 / +0.064 /
-+0.042 on Naval and -0.049 / -0.067 / -0.075 on Yacht (Hydra RMSE +5.2 % /
--4.3 % / -2.9 % of the ensemble's). `augment_long_widest` (2x400) went
-further on split 0 alone (Naval +0.062 -> +0.034, Yacht +0.020 -> +0.006).
-`augment_long_wider` is the recommended option, measured on all 20 splits;
-`plain` stays the default, the paper's recipe. On all 20 splits,
-`augment_long_widest` brought Yacht's Hydra RMSE from +3.2 % to +0.6 % of the
-ensemble's and Boston's Hydra NLL gap below KD's (+0.013 vs +0.043); on
-Concrete it took `augment_longer_widest` (-0.010 vs +0.044; `_long_widest`:
-+0.018 vs +0.001). `augment_longer_widest` met every goal on all 20 splits
-of all seven sets, Naval with `augment_longer_widest_clip`: unclipped, 3 of
-the 20 student runs on its splits 0-9 diverged. The clip at 1 is not free:
-on Concrete it gave +0.057 vs KD +0.026, mostly from split 6, whose Hydra
-gap swings by a nat between runs (-0.328 unclipped, +0.685 clipped).
-`augment_longer_widest_clip10` only catches spikes: it kept Naval's three
-diverging runs (splits 6-8) at the clipped values, and on all 20 Concrete
-splits it gave +0.009 vs KD +0.027.
+Tables of more than 2000 training rows train the members on batches of 128
+for 40 epochs instead of 32 for 100, and run each recipe with
+`RegressionConfig.large_table_changes` (batches of 128, 40 % of the epochs).
+Measured results are in RESULTS.md at the top of the repository.
 """
 
 from __future__ import annotations
@@ -47,101 +20,84 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
 
 import keras
 import numpy as np
 from scipy import stats
 
-from keras_hydra import heads, losses, uncertainty
+from keras_hydra import heads, losses, recipes, uncertainty
 from keras_hydra.data import uci
 from keras_hydra.evaluation import crps_normal_mixture
 from keras_hydra.model import HydraModel
 
 METHODS = ("ensemble", "hydra", "kd")
 METRICS = ("rmse", "nll", "crps", "coverage_95")
-
-
-@dataclass(frozen=True)
-class Student:
-    """How the Hydra and KD students of a split are distilled.
-
-    Args:
-        augment: number of copies of the training inputs, perturbed with
-            Gaussian noise of standard deviation `noise` (standard units),
-            added to the transfer set.
-        noise: that noise's standard deviation.
-        epochs: multiplier of each phase's length. At 1, a phase takes as
-            many steps as the members' training; the KD student takes both
-            phases' steps.
-        decay: cosine-decay the learning rate to 0 over all of a student's
-            steps (both phases for Hydra).
-        body: hidden units of the shared body.
-        head_hidden: hidden units of each head.
-        expansion_noise: standard deviation of the noise `add_heads` adds
-            to the copied head.
-        clipnorm: if set, the students' Adam clips the global norm of each
-            step's gradient to this value (`global_clipnorm`).
-    """
-
-    augment: int = 0
-    noise: float = 0.1
-    epochs: float = 1.0
-    decay: bool = False
-    body: tuple = (50, 50)
-    head_hidden: tuple = ()
-    expansion_noise: float = 0.0
-    clipnorm: float | None = None
-
-
-_LONGER_WIDEST = Student(augment=4, epochs=6.0, decay=True, body=(400, 400))
-
-VARIANTS = {
-    "plain": Student(),
-    "augment": Student(augment=4),
-    "long": Student(epochs=3.0, decay=True),
-    "augment_long": Student(augment=4, epochs=3.0, decay=True),
-    "wide": Student(augment=4, body=(100, 100)),
-    "hidden": Student(augment=4, head_hidden=(50,)),
-    "noise": Student(augment=4, expansion_noise=0.05),
-    "augment_long_wide": Student(augment=4, epochs=3.0, decay=True, body=(100, 100)),
-    "augment_longer_wide": Student(augment=4, epochs=6.0, decay=True, body=(100, 100)),
-    "augment_long_wider": Student(augment=4, epochs=3.0, decay=True, body=(200, 200)),
-    "augment_long_widest": Student(augment=4, epochs=3.0, decay=True, body=(400, 400)),
-    "augment_longer_widest": _LONGER_WIDEST,
-    "augment_longer_widest_clip": replace(_LONGER_WIDEST, clipnorm=1.0),
-    "augment_longer_widest_clip10": replace(_LONGER_WIDEST, clipnorm=10.0),
-}
+LARGE_TABLE = 2000  # training rows above which the large-table schedule applies
 
 
 @dataclass
 class RegressionConfig:
     """Settings of the benchmark; the defaults are the reported ones.
 
-    `variants` names entries of `VARIANTS`; the first one fills the
-    `hydra` and `kd` entries of `methods` in the results.
+    Args:
+        members: int, the ensemble size M.
+        member_hidden: int, units of each member's hidden layer.
+        learning_rate: float, the members' Adam learning rate.
+        recipes: names of `HydraRecipe` presets; the first fills the `hydra`
+            and `kd` entries of `methods` in the results.
+        student_bodies: recipe name -> hidden units of its students' body;
+            other recipes get `(50, 50)`.
+        recipe_changes: fields replaced in every recipe (for short runs).
+        large_table_changes: fields replaced in every recipe on tables of
+            more than 2000 training rows (`phase1_epochs` and
+            `phase2_epochs` as fractions of the recipe's).
+        seed: int, the seed of split `i` is `seed + i`.
+        epochs: optional override of the members' epochs.
     """
 
     members: int = 5
     member_hidden: int = 50
     learning_rate: float = 3e-3
-    variants: tuple = ("plain",)
+    recipes: tuple = ("tabular_regression",)
+    student_bodies: dict = field(
+        default_factory=lambda: {"tabular_regression": (400, 400)}
+    )
+    recipe_changes: dict = field(default_factory=dict)
+    large_table_changes: dict = field(
+        default_factory=lambda: {
+            "batch_size": 128,
+            "phase1_epochs": 0.4,
+            "phase2_epochs": 0.4,
+        }
+    )
     seed: int = 0
     epochs: int | None = None
 
     def __post_init__(self):
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or not self.variants:
+        unknown = [r for r in self.recipes if r not in recipes.PRESETS]
+        if unknown or not self.recipes:
             raise ValueError(
-                f"Unknown student variant(s) {unknown or list(self.variants)}; "
-                f"choose from {sorted(VARIANTS)}."
+                f"Unknown recipe(s) {unknown or list(self.recipes)}; "
+                f"choose from {sorted(recipes.PRESETS)}."
             )
 
     def schedule(self, num_train: int) -> tuple[int, int]:
         """(batch size, member epochs) for a training set of `num_train` rows."""
-        if num_train <= 2000:
+        if num_train <= LARGE_TABLE:
             return 32, self.epochs or 100
         return 128, self.epochs or 40
+
+    def recipe(self, name: str, num_train: int) -> recipes.HydraRecipe:
+        """The preset `name` as run on a table of `num_train` rows."""
+        recipe = recipes.HydraRecipe.get(name).replace(**self.recipe_changes)
+        if num_train <= LARGE_TABLE:
+            return recipe
+        changes = dict(self.large_table_changes)
+        for phase in ("phase1_epochs", "phase2_epochs"):
+            if phase in changes:
+                changes[phase] = max(1, round(getattr(recipe, phase) * changes[phase]))
+        return recipe.replace(**changes)
 
 
 def _normal_heads(hidden=()):
@@ -152,10 +108,6 @@ def _mlp(units, name):
     return keras.Sequential(
         [keras.layers.Dense(u, activation="relu") for u in units], name=name
     )
-
-
-def _fit(model, x, y, epochs, batch_size):
-    model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0)
 
 
 # Many small steps per compiled call: Keras' per-step overhead dominates MLPs
@@ -183,87 +135,53 @@ def _evaluate(params: np.ndarray, split: uci.UCISplit) -> dict:
     }
 
 
-def _transfer_set(x, student: Student, rng) -> np.ndarray:
-    copies = [
-        x + rng.normal(0.0, student.noise, x.shape).astype("float32")
-        for _ in range(student.augment)
-    ]
-    return np.concatenate([x, *copies])
-
-
 def run_split(root: str, split_index: int, config: RegressionConfig) -> dict:
-    """Trains the ensemble and each variant's students on one split.
+    """Trains the ensemble and each recipe's students on one split.
 
-    Returns `{"ensemble": metrics, "<variant>": {"hydra": ..., "kd": ...}}`.
+    Returns `{"ensemble": metrics, "<recipe>": {"hydra": ..., "kd": ...}}`.
     """
-    keras.utils.set_random_seed(config.seed + split_index)
+    seed = config.seed + split_index
+    keras.utils.set_random_seed(seed)
     split = uci.load(root, split_index)
     x, y = split.x_train, split.y_train
     batch_size, epochs = config.schedule(len(x))
-
-    def compiled(
-        body, head, loss, name, num_heads=1, learning_rate=None, clipnorm=None
-    ):
-        model = HydraModel(body, head, num_heads=num_heads, name=name)
-        model.compile(
-            keras.optimizers.Adam(
-                learning_rate or config.learning_rate, global_clipnorm=clipnorm
-            ),
-            loss,
-            steps_per_execution=_STEPS_PER_EXECUTION,
-        )
-        return model
-
-    ensemble = compiled(
+    ensemble = HydraModel(
         keras.layers.Identity(),
         _normal_heads((config.member_hidden,)),
-        losses.DistributionNLL("Normal", mixture=False),
-        "ensemble",
         num_heads=config.members,
+        name="ensemble",
     )
-    _fit(ensemble, x, y, epochs, batch_size)
+    ensemble.compile(
+        keras.optimizers.Adam(config.learning_rate),
+        losses.DistributionNLL("Normal", mixture=False),
+        steps_per_execution=_STEPS_PER_EXECUTION,
+    )
+    ensemble.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0)
     results = {"ensemble": _evaluate(ensemble.predict(split.x_test, verbose=0), split)}
-
-    transfer_sets = {}  # variants with the same inputs share their targets
-    for name in config.variants:
-        student = VARIANTS[name]
-        key = (student.augment, student.noise)
-        if key not in transfer_sets:
-            rng = np.random.default_rng(config.seed + split_index)
-            inputs = _transfer_set(x, student, rng)
-            targets = ensemble.predict(inputs, batch_size=1024, verbose=0)
-            transfer_sets[key] = inputs, targets
-        transfer, targets = transfer_sets[key]
-        # Each phase takes `student.epochs` times the members' steps.
-        phase = max(1, round(epochs * student.epochs / (1 + student.augment)))
-        steps = 2 * phase * -(-len(transfer) // batch_size)
-        learning_rate = config.learning_rate
-        if student.decay:
-            learning_rate = keras.optimizers.schedules.CosineDecay(
-                config.learning_rate, decay_steps=steps
-            )
-        hydra, kd = (
-            compiled(
-                _mlp(student.body, "body"),
-                _normal_heads(student.head_hidden),
-                losses.DistributionKL("Normal"),
-                model_name,
-                learning_rate=learning_rate,
-                clipnorm=student.clipnorm,
-            )
-            for model_name in ("hydra", "kd")
+    targets = ensemble.predict(x, batch_size=1024, verbose=0)
+    for name in config.recipes:
+        recipe = config.recipe(name, len(x))
+        body = config.student_bodies.get(name, (50, 50))
+        # Both students see the same transfer set, as `distill` makes it.
+        transfer = recipes.transfer_set(
+            ensemble, x, recipe, targets=targets, seed=seed, batch_size=1024
         )
-        _fit(hydra, transfer, targets, phase, batch_size)
-        hydra.add_heads(
-            config.members,
-            noise_stddev=student.expansion_noise,
-            seed=config.seed + split_index,
-        )
-        _fit(hydra, transfer, targets, phase, batch_size)
-        _fit(kd, transfer, targets, 2 * phase, batch_size)
         results[name] = {
-            method: _evaluate(model.predict(split.x_test, verbose=0), split)
-            for method, model in [("hydra", hydra), ("kd", kd)]
+            method: _evaluate(
+                recipes.distill(
+                    ensemble,
+                    _mlp(body, "body"),
+                    _normal_heads(),
+                    x,
+                    student_recipe,
+                    transfer_data=transfer,
+                    seed=seed,
+                    verbose=0,
+                    name=method,
+                ).predict(split.x_test, verbose=0),
+                split,
+            )
+            for method, student_recipe in [("hydra", recipe), ("kd", recipe.kd())]
         }
     return results
 
@@ -282,23 +200,23 @@ def summarize(per_split: list[dict]) -> dict:
     return summary
 
 
-def _dataset_entry(per_split: list[dict], variants) -> dict:
-    """`methods` (ensemble and the first variant's students) and `variants`."""
+def _dataset_entry(per_split: list[dict], names) -> dict:
+    """`methods` (ensemble and the first recipe's students) and `recipes`."""
     students = {
-        v: {m: summarize([s[v][m] for s in per_split]) for m in ("hydra", "kd")}
-        for v in variants
+        r: {m: summarize([s[r][m] for s in per_split]) for m in ("hydra", "kd")}
+        for r in names
     }
     ensemble = summarize([s["ensemble"] for s in per_split])
     return {
-        "methods": {"ensemble": ensemble, **students[variants[0]]},
-        "variants": students,
+        "methods": {"ensemble": ensemble, **students[names[0]]},
+        "recipes": students,
     }
 
 
 def table(results: dict) -> str:
     """Markdown table of the mean ± standard error of every metric.
 
-    Students are labelled with their variant, e.g. `hydra (plain)`.
+    Students are labelled with their recipe, e.g. `hydra (paper)`.
     """
     lines = [
         "| dataset | method | RMSE | NLL | CRPS | 95% coverage | epistemic share |",
@@ -306,8 +224,8 @@ def table(results: dict) -> str:
     ]
     for name, entry in results["datasets"].items():
         rows = [("ensemble", entry["methods"]["ensemble"])]
-        for variant, students in entry["variants"].items():
-            rows += [(f"{m} ({variant})", students[m]) for m in ("hydra", "kd")]
+        for recipe, students in entry["recipes"].items():
+            rows += [(f"{m} ({recipe})", students[m]) for m in ("hydra", "kd")]
         for label, metrics in rows:
             cells = [
                 f"{metrics[m]['mean']:.3f} ± {metrics[m]['stderr']:.3f}"
@@ -396,7 +314,7 @@ def run(
         results["datasets"][name] = {
             "splits": count,
             "seconds": time.perf_counter() - start,
-            **_dataset_entry(per_split, config.variants),
+            **_dataset_entry(per_split, config.recipes),
         }
         print(
             f"{name}: {count} splits in {time.perf_counter() - start:.0f} s", flush=True
@@ -422,11 +340,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--splits", type=int, default=None, help="splits per set")
     parser.add_argument("--members", type=int, default=5, help="ensemble size")
     parser.add_argument(
-        "--variant",
+        "--recipe",
         action="append",
-        choices=sorted(VARIANTS),
-        help="student variant (repeatable; default: plain); the first fills "
-        "methods.hydra and methods.kd",
+        choices=sorted(recipes.PRESETS),
+        help="HydraRecipe preset (repeatable; default: tabular_regression); the "
+        "first fills methods.hydra and methods.kd",
     )
     parser.add_argument(
         "--split-range",
@@ -458,8 +376,8 @@ def main(args) -> None:
             for d in os.listdir(args.data_dir)
             if os.path.isdir(os.path.join(args.data_dir, d))
         )
-    variants = tuple(args.variant or ("plain",))
-    config = RegressionConfig(members=args.members, variants=variants)
+    names = tuple(args.recipe or ("tabular_regression",))
+    config = RegressionConfig(members=args.members, recipes=names)
     results = run(
         args.data_dir, datasets, args.out, args.splits, config, args.split_range
     )

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 
 def load_digits_ood(
@@ -36,6 +34,9 @@ def load_digits_ood(
     >>> data["x_train"].shape[1], int(data["y_train"].max())
     (64, 2)
     """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     in_classes = [int(c) for c in in_classes]
     if len(set(in_classes)) < 2 or not set(in_classes) <= set(range(10)):
         raise ValueError(
