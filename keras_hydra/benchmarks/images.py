@@ -36,7 +36,7 @@ def cnn(name: str, outputs: int | None = None, filters=(16, 32)) -> keras.Model:
     Example:
 
     >>> model = cnn("member", outputs=10)
-    >>> model(np.zeros((2, 784), "float32")).shape
+    >>> tuple(model(np.zeros((2, 784), "float32")).shape)
     (2, 10)
     """
     layers = [keras.layers.Reshape((*IMAGE_SHAPE, 1))]
