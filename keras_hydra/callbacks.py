@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_hydra import uncertainty
+from keras_hydra import uncertainty, validation
 from keras_hydra.losses import HydraKL
 from keras_hydra.metrics import HeadDisagreement
 
@@ -92,11 +92,28 @@ class AddHeads(keras.callbacks.Callback):
         copy_head: bool = True,
     ):
         super().__init__()
-        self.num_heads = int(num_heads)
+        self.num_heads = validation.count(num_heads, "num_heads")
+        if isinstance(at_epoch, bool) or not (
+            isinstance(at_epoch, (int, np.integer)) and at_epoch >= 0
+        ):
+            raise ValueError(f"at_epoch must be an integer >= 0, got {at_epoch!r}.")
         self.at_epoch = int(at_epoch)
-        self.noise_stddev = float(noise_stddev)
+        self.noise_stddev = validation.non_negative(noise_stddev, "noise_stddev")
         self.seed = seed
         self.copy_head = bool(copy_head)
+
+    def on_train_begin(self, logs=None):
+        epochs = self.params.get("epochs")
+        if (
+            epochs is not None
+            and self.at_epoch >= epochs
+            and self.model.num_heads != self.num_heads
+        ):
+            raise ValueError(
+                f"AddHeads(at_epoch={self.at_epoch}) would never run: fit trains "
+                f"epochs 0 to {epochs - 1} (epochs={epochs}). Lower at_epoch or "
+                "raise epochs."
+            )
 
     def on_epoch_begin(self, epoch, logs=None):
         if epoch < self.at_epoch or self.model.num_heads == self.num_heads:

@@ -12,7 +12,9 @@ import tensorflow as tf
 
 def _input_name(model) -> str:
     inputs = getattr(model.body, "inputs", None)
-    if inputs and len(inputs) == 1:
+    # An unnamed `keras.Input`, or the one a Sequential body makes itself when
+    # built without one, is named `keras_tensor...` by Keras.
+    if inputs and len(inputs) == 1 and not inputs[0].name.startswith("keras_tensor"):
         return inputs[0].name
     return "inputs"
 
@@ -29,11 +31,13 @@ def saved_model(
     - `Categorical` heads: `probabilities` `[batch, K]`, `head_probabilities`
       `[batch, M, K]`, `predicted_class` `[batch]` (int64), and
       `total_uncertainty`, `aleatoric_uncertainty`, `epistemic_uncertainty`
-      `[batch]` (nats).
+      `[batch]` (nats). A row whose input is not all finite gets NaN
+      outputs and `predicted_class` -1.
     - `Distribution` heads: `mean`, `variance`, `aleatoric_variance`,
       `epistemic_variance` `[batch, E]`, `head_parameters` `[batch, M, P * E]`,
       and `lower_XX` / `upper_XX` `[batch, E]` for each of the head's
       `levels` (`lower_95`, `upper_95` for 0.95; `lower_97_5` for 0.975).
+      A row whose input is not all finite gets NaN outputs.
 
     All are float32 unless noted. A second signature, `head_outputs`, returns
     the raw head outputs as `outputs`. The directory loads with TensorFlow

@@ -146,6 +146,17 @@ class HydraKL(keras.losses.Loss):
         """
         members_per_head(targets.shape[1], num_heads)
         if self.from_logits:
+            sums = targets.astype("float64").sum(axis=-1)
+            if (
+                targets.size
+                and np.all((targets >= 0) & (targets <= 1))
+                and np.allclose(sums, 1.0, atol=1e-3)
+            ):
+                raise ValueError(
+                    "The loss has from_logits=True, but the targets look like "
+                    "probabilities (every value in [0, 1], every row summing to "
+                    "1). Pass HydraKL(from_logits=False), or give logits."
+                )
             return
         if np.any(targets < 0):
             raise ValueError(
@@ -160,6 +171,21 @@ class HydraKL(keras.losses.Loss):
                 f"{tuple(int(i) for i in worst)} (example, member) sums to "
                 f"{float(sums[worst]):.6g}. Pass logits with from_logits=True."
             )
+
+    def invalid_targets(self, targets):
+        """Scalar bool: some probability row is negative or does not sum to 1.
+
+        The in-graph check `keras_hydra.guard` runs on every training batch;
+        with `from_logits=True` any finite logits are valid.
+        """
+        if self.from_logits:
+            return ops.convert_to_tensor(False)
+        # float16 targets (`teacher.predict(..., dtype="float16")`) round
+        # each probability by up to 5e-4.
+        tolerance = 1e-3 if targets.dtype in ("float32", "float64") else 1e-2
+        targets = ops.cast(targets, "float32")
+        off = ops.abs(ops.sum(targets, axis=-1) - 1.0) > tolerance
+        return ops.logical_or(ops.any(targets < 0), ops.any(off))
 
     def get_config(self):
         config = super().get_config()
@@ -245,6 +271,20 @@ class DistributionKL(keras.losses.Loss):
     def validate_targets(self, targets: np.ndarray, num_heads: int) -> None:
         """Raises a `ValueError` if `targets` cannot map onto `num_heads`."""
         members_per_head(targets.shape[1], num_heads)
+
+    def invalid_targets(self, targets):
+        """Scalar bool: some positive parameter (a scale, ...) is <= 0.
+
+        The in-graph check `keras_hydra.guard` runs on every training batch.
+        """
+        names = distributions.parameter_names(self.family)
+        pieces = ops.split(ops.cast(targets, "float32"), len(names), axis=-1)
+        flags = [
+            ops.any(piece <= 0)
+            for name, piece in zip(names, pieces, strict=True)
+            if distributions.is_positive(self.family, name)
+        ]
+        return ops.any(ops.stack(flags)) if flags else ops.convert_to_tensor(False)
 
     def get_config(self):
         config = super().get_config()

@@ -12,6 +12,7 @@ from keras_hydra import (
     _keras_internals,
     calibration,
     checkpoints,
+    guard,
     optimizer_state,
     validation,
 )
@@ -50,6 +51,13 @@ class HydraModel(keras.Model):
             `keras_hydra.teacher.Ensemble`) evaluated, frozen, inside each train
             and test step to produce the targets; `y` is then ignored. The
             teacher is never trained and is not part of the saved model.
+        check_finite: bool, whether every training batch is checked in the
+            graph for non-finite inputs, targets and sample weights and for
+            invalid targets (see `keras_hydra.guard`). A bad batch stops
+            `fit` with a `ValueError` naming the step and the tensor, with
+            the weights from before that step. Defaults to `True`. Outside
+            training, whatever this setting, a row whose inputs are not all
+            finite gets NaN outputs (see `keras_hydra.guard`).
         **kwargs: base `keras.Model` arguments (`name`, ...).
 
     Call arguments:
@@ -84,12 +92,15 @@ class HydraModel(keras.Model):
         head,
         num_heads: int = 1,
         teacher: Sequence[keras.Model] | Ensemble | None = None,
+        check_finite: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.check_finite = bool(check_finite)
+        self._record = guard.Record()
         self.body = body
         self.head = head
-        self.num_heads = int(num_heads)
+        self.num_heads = validation.count(num_heads, "num_heads")
         self.heads = head.layer(self.num_heads)
         if teacher is not None and not isinstance(teacher, Ensemble):
             teacher = Ensemble(teacher, name="teacher")
@@ -112,7 +123,10 @@ class HydraModel(keras.Model):
 
     def call(self, inputs, training=None):
         outputs = self.heads(self.body(inputs, training=training))
-        if training or self.num_heads == 1:
+        if training:
+            return outputs
+        outputs = guard.nan_where_non_finite(inputs, outputs)
+        if self.num_heads == 1:
             return outputs
 
         def spread():
@@ -125,7 +139,11 @@ class HydraModel(keras.Model):
         return ops.cond(ops.equal(self.spread, 1.0), lambda: outputs, spread)
 
     def train_step(self, data):
-        logs = super().train_step(self._with_teacher_targets(data))
+        data = self._with_teacher_targets(data)
+        if self.check_finite:
+            logs = guard.guarded_step(self, super().train_step, data)
+        else:
+            logs = super().train_step(data)
         return _keras_internals.reducible_logs(logs, self.distribute_strategy)
 
     def test_step(self, data):
@@ -148,6 +166,8 @@ class HydraModel(keras.Model):
 
     def fit(self, x=None, y=None, *args, **kwargs):
         bound = inspect.signature(super().fit).bind(x, y, *args, **kwargs)
+        validation.check_not_empty(x)
+        validation.check_head_and_loss(self)
         validation.validate_data(self, x, y)
         validation_data = bound.arguments.get("validation_data")
         if validation_data is not None:
@@ -159,9 +179,13 @@ class HydraModel(keras.Model):
             if isinstance(callback, keras.callbacks.BackupAndRestore):
                 checkpoints.check_backup(callback)
         _keras_internals.forget_restored_epoch(self)
-        return super().fit(x, y, *args, **kwargs)
+        if self.check_finite:
+            callbacks = list(bound.arguments.get("callbacks") or ())
+            bound.arguments["callbacks"] = [*callbacks, guard.DataGuard(self._record)]
+        return super().fit(*bound.args, **bound.kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
+        validation.check_head_and_loss(self)
         validation.validate_data(self, x, y)
         return super().evaluate(x, y, *args, **kwargs)
 
@@ -194,9 +218,13 @@ class HydraModel(keras.Model):
             copy_head: bool, whether the new heads copy the trained head.
 
         Raises:
-            ValueError: if the model already has several heads, if `num_heads`
-                is below the current count, or if the head was never built.
+            ValueError: if `num_heads` is not a positive integer or
+                `noise_stddev` not a finite number >= 0, if the model already
+                has several heads, if `num_heads` is below the current count,
+                or if the head was never built.
         """
+        num_heads = validation.count(num_heads, "num_heads")
+        noise_stddev = validation.non_negative(noise_stddev, "noise_stddev")
         if self.num_heads != 1:
             raise ValueError(
                 "add_heads expands a single trained head, but this model already "
@@ -423,6 +451,7 @@ class HydraModel(keras.Model):
             "body": keras.saving.serialize_keras_object(self.body),
             "head": keras.saving.serialize_keras_object(self.head),
             "num_heads": self.num_heads,
+            "check_finite": self.check_finite,
         }
 
     @classmethod

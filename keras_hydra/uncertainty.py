@@ -28,7 +28,7 @@ def categorical(outputs, from_logits: bool = True) -> dict:
     Returns:
         A dict of tensors: `probabilities` `[batch, K]` (head average),
         `head_probabilities` `[batch, M, K]`, `predicted_class` `[batch]`
-        (int64), and the three uncertainties `[batch]`.
+        (int64, -1 where the outputs are NaN), and the three uncertainties `[batch]`.
 
     Example:
 
@@ -53,7 +53,12 @@ def categorical(outputs, from_logits: bool = True) -> dict:
     return {
         "probabilities": probs,
         "head_probabilities": head_probs,
-        "predicted_class": ops.cast(ops.argmax(probs, axis=-1), "int64"),
+        # -1 where the probabilities are NaN (a non-finite input row).
+        "predicted_class": ops.where(
+            ops.all(ops.isfinite(probs), axis=-1),
+            ops.cast(ops.argmax(probs, axis=-1), "int64"),
+            -1,
+        ),
         "total_uncertainty": total,
         "aleatoric_uncertainty": aleatoric,
         # Clipped at zero: MI is non-negative, float error is not.

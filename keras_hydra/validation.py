@@ -7,7 +7,88 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_hydra import losses
+
 _SAMPLE_SIZE = 32  # examples run through an online teacher to check its outputs
+
+
+def _is_number(value) -> bool:
+    real = (int, float, np.integer, np.floating)
+    return (
+        isinstance(value, real) and not isinstance(value, bool) and np.isfinite(value)
+    )
+
+
+def count(value, name: str) -> int:
+    """`value` as an int, if it is a positive integer (`3` or `3.0`, not `2.7`).
+
+    Raises:
+        ValueError: naming `name` and `value` otherwise.
+    """
+    if _is_number(value) and value == int(value) and value >= 1:
+        return int(value)
+    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def non_negative(value, name: str) -> float:
+    """`value` as a float, if it is a finite number >= 0.
+
+    Raises:
+        ValueError: naming `name` and `value` otherwise.
+    """
+    if _is_number(value) and value >= 0:
+        return float(value)
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+
+
+def check_not_empty(x, what: str = "x") -> None:
+    """Raises a `ValueError` if `x` (arrays or a dataset) holds no examples.
+
+    A dataset of unknown size (e.g. after `filter`) is not inspected.
+    """
+    if isinstance(x, tf.data.Dataset):
+        if int(x.cardinality()) == 0:
+            raise ValueError(
+                f"{what} is an empty tf.data.Dataset: there is nothing to fit."
+            )
+        return
+    for array in keras.tree.flatten(x):
+        shape = getattr(array, "shape", None)
+        if shape is not None and len(shape) and shape[0] == 0:
+            raise ValueError(
+                f"{what} holds no examples (an array of shape {tuple(shape)}): "
+                "there is nothing to fit."
+            )
+
+
+def check_head_and_loss(model) -> None:
+    """Raises a `ValueError` if the compiled loss is for another kind of head.
+
+    A `Distribution` head needs a `DistributionKL` or `DistributionNLL` of
+    its family, a `Categorical` head `HydraKL`; a loss of the user's own is
+    not checked.
+    """
+    loss = getattr(model, "loss", None)
+    loss_family = getattr(loss, "family", None)
+    head_family = getattr(model.head, "family", None)
+    if isinstance(loss, losses.HydraKL):
+        matches = head_family is None
+    elif loss_family is not None:
+        matches = loss_family is head_family
+    else:
+        return  # a loss of the user's own: nothing known to compare
+    if matches:
+        return
+    head = type(model.head).__name__
+    if head_family is not None:
+        head = f"{head}({head_family.__name__!r})"
+    family = f"({loss_family.__name__!r})" if loss_family is not None else ""
+    raise ValueError(
+        f"The compiled loss {type(loss).__name__}{family} does not match the "
+        f"model's {head} head: a Distribution head is trained with "
+        "DistributionKL or DistributionNLL of the same family, a Categorical "
+        "head with HydraKL."
+    )
 
 
 def validate_data(model, x, y) -> None:

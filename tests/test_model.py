@@ -153,7 +153,7 @@ def test_add_heads_misuse():
     x, targets = random_data()
     model = small_hydra()
     model.fit(x, targets, epochs=1, verbose=0)
-    with pytest.raises(ValueError, match="num_heads=0 is below the current head count"):
+    with pytest.raises(ValueError, match="num_heads must be a positive integer, got 0"):
         model.add_heads(0)
     model.add_heads(4)
     with pytest.raises(ValueError, match="already has 4 heads"):

@@ -204,6 +204,21 @@ def test_mirrored_two_replicas_match_one_device(mirrored):
     assert_same_run(arrays, "single", "mirrored", rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tensor", ["x", "y"], ids=["x-on-replica1", "y-on-replica0"])
+def test_mirrored_bad_batch_on_one_replica_stops_both(mirrored, tensor):
+    # The third batch is bad on one replica only (see `scale_runs.mirrored`);
+    # both skip it, as the flags are summed over replicas, and keep the
+    # weights of the two clean steps.
+    arrays, facts = mirrored
+    name = {"x": "inputs x", "y": "targets y"}[tensor]
+    assert "at step 2 (counting" in facts[f"guard_{tensor}_error"]
+    assert f"non-finite {name}" in facts[f"guard_{tensor}_error"]
+    assert facts[f"guard_{tensor}_iterations"] == 2
+    np.testing.assert_allclose(
+        arrays[f"guard_{tensor}_weights"], arrays["guard_clean_weights"], atol=1e-7
+    )
+
+
 def test_add_heads_under_mirrored_keeps_variables_mirrored(mirrored):
     _, facts = mirrored
     assert facts["strategy_kept"]

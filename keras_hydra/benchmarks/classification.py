@@ -844,6 +844,12 @@ def add_arguments(parser) -> None:
         help="override the members' epochs",
     )
     parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="train on a random subset of this many Fashion-MNIST images",
+    )
+    parser.add_argument(
         "--student-dtype",
         default=None,
         choices=("mixed_bfloat16", "float32"),
@@ -868,6 +874,7 @@ def main(args) -> None:
         "body": args.body,
         "recipes": args.recipe,
         "member_epochs": args.member_epochs,
+        "train_size": args.train_size,
         "student_dtype": args.student_dtype,
     }
     config = dataclasses.replace(

@@ -60,6 +60,31 @@ def _read_indices(root: str, name: str, size: int, what: str) -> np.ndarray:
     return values.astype("int64")
 
 
+def _check_split(root, split, data, features, target, train, test) -> None:
+    if int(target[0]) in set(features.tolist()):
+        raise ValueError(
+            f"Column {int(target[0])} is the target ({root}/index_target.txt) "
+            f"and also a feature ({root}/index_features.txt)."
+        )
+    for name, rows in (("train", train), ("test", test)):
+        if not rows.size:
+            raise ValueError(f"{root}/index_{name}_{split}.txt lists no rows.")
+    overlap = np.intersect1d(train, test)
+    if overlap.size:
+        raise ValueError(
+            f"{root}/index_train_{split}.txt and index_test_{split}.txt share "
+            f"{overlap.size} rows, e.g. {overlap[:5].tolist()}."
+        )
+    rows = np.union1d(train, test)
+    finite = np.all(np.isfinite(data[rows][:, np.append(features, target)]), axis=1)
+    if not finite.all():
+        rows = rows[~finite]
+        raise ValueError(
+            f"{root}/data.txt has non-finite values (NaN or Inf) in {rows.size} "
+            f"used rows, e.g. rows {rows[:5].tolist()} (0-based)."
+        )
+
+
 def num_splits(root: str) -> int:
     """The number of splits of the UCI folder `root` (`n_splits.txt`)."""
     return int(np.loadtxt(os.path.join(root, "n_splits.txt")))
@@ -83,8 +108,11 @@ def load(root: str, split: int = 0) -> UCISplit:
 
     Raises:
         FileNotFoundError: if a file of the layout is missing.
-        ValueError: for a split out of range or an index file pointing outside
-            `data.txt`.
+        ValueError: for a split out of range, an index file pointing outside
+            `data.txt`, an empty train or test index, train and test indices
+            that share rows, a target column that is also a feature, or
+            NaN or Inf in a used row of `data.txt`; the message names the
+            file and the rows.
 
     Example:
 
@@ -117,6 +145,7 @@ def load(root: str, split: int = 0) -> UCISplit:
         raise ValueError(
             f"index_target.txt must hold one column; it holds {target.size}."
         )
+    _check_split(root, split, data, features, target, train, test)
 
     x, y = data[:, features], data[:, target]
     x_mean, x_std = x[train].mean(axis=0), x[train].std(axis=0)

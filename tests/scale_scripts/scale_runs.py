@@ -158,6 +158,43 @@ def mirrored(out):
         facts["outside_error"] = f"{type(error).__name__}: {error}"
     facts["outside_iterations"] = int(outside.optimizer.iterations.numpy())
 
+    # Bad data in the third batch (rows 32-47), seen by one replica only:
+    # NaN inputs on replica 1 (row 44), NaN targets on replica 0 (row 34,
+    # through tf.data, which `fit` checks in the graph only).
+    x, targets = data(n=64)
+    clean = in_scope()
+    clean.set_weights(initial)
+    clean.fit(x[:32], targets[:32], batch_size=GLOBAL_BATCH, shuffle=False, verbose=0)
+    arrays["guard_clean_weights"] = np.concatenate(
+        [w.ravel() for w in clean.get_weights()]
+    )
+    bad_x, bad_targets = x.copy(), targets.copy()
+    bad_x[44, 0] = np.nan
+    bad_targets[34, 1, 2] = np.nan
+    cases = {
+        "x": (bad_x, targets),
+        "y": (tf.data.Dataset.from_tensor_slices((x, bad_targets)).batch(16), None),
+    }
+    for name, (inputs, labels) in cases.items():
+        model = in_scope()
+        model.set_weights(initial)
+        try:
+            model.fit(
+                inputs,
+                labels,
+                batch_size=None if labels is None else GLOBAL_BATCH,
+                shuffle=False,
+                epochs=2,
+                verbose=0,
+            )
+            facts[f"guard_{name}_error"] = None
+        except ValueError as error:
+            facts[f"guard_{name}_error"] = str(error)
+        facts[f"guard_{name}_iterations"] = int(model.optimizer.iterations.numpy())
+        arrays[f"guard_{name}_weights"] = np.concatenate(
+            [w.ravel() for w in model.get_weights()]
+        )
+
     for name, result in results.items():
         arrays.update({f"{name}_{k}": v for k, v in result.items()})
     np.savez(os.path.join(out, "mirrored.npz"), **arrays)
