@@ -93,11 +93,7 @@ class AddHeads(keras.callbacks.Callback):
     ):
         super().__init__()
         self.num_heads = validation.count(num_heads, "num_heads")
-        if isinstance(at_epoch, bool) or not (
-            isinstance(at_epoch, (int, np.integer)) and at_epoch >= 0
-        ):
-            raise ValueError(f"at_epoch must be an integer >= 0, got {at_epoch!r}.")
-        self.at_epoch = int(at_epoch)
+        self.at_epoch = validation.count(at_epoch, "at_epoch", minimum=0)
         self.noise_stddev = validation.non_negative(noise_stddev, "noise_stddev")
         self.seed = seed
         self.copy_head = bool(copy_head)

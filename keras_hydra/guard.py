@@ -25,12 +25,17 @@ CHECKS = (
 )
 
 
-def _any_non_finite(structure) -> tf.Tensor:
-    flags = [
-        ops.logical_not(ops.all(ops.isfinite(t)))
+def _floats(structure) -> list:
+    """The floating tensors of `structure`; integers (token ids, ...) are finite."""
+    return [
+        t
         for t in keras.tree.flatten(structure)
         if t is not None and t.dtype.is_floating
     ]
+
+
+def _any_non_finite(structure) -> tf.Tensor:
+    flags = [ops.logical_not(ops.all(ops.isfinite(t))) for t in _floats(structure)]
     if not flags:
         return ops.convert_to_tensor(False)
     return ops.any(ops.stack(flags))
@@ -65,7 +70,7 @@ def nan_where_non_finite(inputs, outputs):
     map NaN to finite logits, e.g. through `relu`). Integer inputs (token
     ids, ...) are taken as finite.
     """
-    tensors = [t for t in keras.tree.flatten(inputs) if t.dtype.is_floating]
+    tensors = _floats(inputs)
     if not tensors:
         return outputs
     finite = [

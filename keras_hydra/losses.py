@@ -145,8 +145,8 @@ class HydraKL(keras.losses.Loss):
             num_heads: int, the student's head count `S`.
         """
         members_per_head(targets.shape[1], num_heads)
+        sums = targets.astype("float64").sum(axis=-1)
         if self.from_logits:
-            sums = targets.astype("float64").sum(axis=-1)
             if (
                 targets.size
                 and np.all((targets >= 0) & (targets <= 1))
@@ -163,7 +163,6 @@ class HydraKL(keras.losses.Loss):
                 "With from_logits=False the targets must be probabilities, but "
                 f"some are negative (min {float(targets.min()):g})."
             )
-        sums = targets.astype("float64").sum(axis=-1)
         worst = np.unravel_index(np.argmax(np.abs(sums - 1.0)), sums.shape)
         if abs(sums[worst] - 1.0) > 1e-3:
             raise ValueError(

@@ -19,15 +19,16 @@ def _is_number(value) -> bool:
     )
 
 
-def count(value, name: str) -> int:
-    """`value` as an int, if it is a positive integer (`3` or `3.0`, not `2.7`).
+def count(value, name: str, minimum: int = 1) -> int:
+    """`value` as an int, if it is an integer >= `minimum` (`3` or `3.0`, not `2.7`).
 
     Raises:
         ValueError: naming `name` and `value` otherwise.
     """
-    if _is_number(value) and value == int(value) and value >= 1:
+    if _is_number(value) and value == int(value) and value >= minimum:
         return int(value)
-    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    raise ValueError(f"{name} must be {kind}, got {value!r}.")
 
 
 def non_negative(value, name: str) -> float:

