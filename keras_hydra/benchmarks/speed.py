@@ -15,7 +15,9 @@ classes) fed synthetic inputs, in one process:
   and of a single model (the same with one head), beside the ratio of their
   FLOPs, `(body + M head) / (body + head)`, and of a plain Keras model with
   the same FLOPs and loss, whose one `Dense(M * 10)` layer holds all heads:
-  the bound for any implementation of the heads (`step_ratio_bound`);
+  the bound for any implementation of the heads (`step_ratio_bound`); and
+  the Hydra's step with `check_finite=False`, whose ratio to the default
+  step is the cost of the bad-data check (`check_cost`);
 - forward + backward time of the heads alone, body excluded: `HydraHeads`
   against a Python loop of M Dense heads (traced into one graph), for linear
   heads and for heads with one 128-unit hidden layer;
@@ -67,6 +69,7 @@ KEYS = (
     "flop_ratio",
     "step_flop_ratio",
     "hydra_step_s",
+    "unchecked_step_s",
     "single_step_s",
     "dense_step_s",
     "loop_heads_step_s",
@@ -87,6 +90,7 @@ RATIOS = (
     "speedup_over_flop_bound",
     "step_ratio",
     "step_ratio_bound",
+    "check_cost",
     "heads_speedup",
     "heads_hidden_speedup",
     "heads_speedup_bound",
@@ -219,9 +223,14 @@ def _compile(model: keras.Model, config: SpeedConfig) -> None:
     )
 
 
-def _hydra(config: SpeedConfig, num_heads: int) -> HydraModel:
+def _hydra(
+    config: SpeedConfig, num_heads: int, check_finite: bool = True
+) -> HydraModel:
     model = HydraModel(
-        _body(config), heads.Categorical(config.num_classes), num_heads=num_heads
+        _body(config),
+        heads.Categorical(config.num_classes),
+        num_heads=num_heads,
+        check_finite=check_finite,
     )
     _compile(model, config)
     model.build((None, config.input_dim))
@@ -292,12 +301,16 @@ def _train_function(model: keras.Model, x, targets) -> Callable:
 
 
 def train_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
-    """Seconds per train step of the Hydra, a single-head model and `_dense`."""
+    """Seconds per train step of the Hydra, without its bad-data check, a
+    single-head model and `_dense`."""
     x = rng.normal(size=(config.train_batch, config.input_dim)).astype("float32")
     targets = rng.normal(size=(config.train_batch, num_heads, config.num_classes))
     targets = targets.astype("float32")
     steps = {
         "hydra_step_s": _train_function(_hydra(config, num_heads), x, targets),
+        "unchecked_step_s": _train_function(
+            _hydra(config, num_heads, check_finite=False), x, targets
+        ),
         "single_step_s": _train_function(_hydra(config, 1), x, targets[:, :1]),
         "dense_step_s": _train_function(_dense(config, num_heads), x, targets),
     }
@@ -503,7 +516,8 @@ def ratios(row: dict, num_heads: int = 1, body_share: float = 1.0) -> dict:
 
     >>> row = dict(hydra_throughput=90.0, ensemble_throughput=10.0,
     ...            body_throughput=95.0,
-    ...            flop_ratio=10.0, hydra_step_s=1.1, single_step_s=1.0,
+    ...            flop_ratio=10.0, hydra_step_s=1.1, unchecked_step_s=1.08,
+    ...            single_step_s=1.0,
     ...            dense_step_s=1.05,
     ...            loop_heads_step_s=4.0, vectorized_heads_step_s=1.0,
     ...            loop_heads_hidden_step_s=3.0, vectorized_heads_hidden_step_s=1.0,
@@ -512,7 +526,7 @@ def ratios(row: dict, num_heads: int = 1, body_share: float = 1.0) -> dict:
     >>> {k: round(v, 2) for k, v in ratios(row, num_heads=10).items()}
     {'inference_speedup': 9.0, 'speedup_over_flop_ratio': 0.9,
      'speedup_over_flop_bound': 0.95, 'step_ratio': 1.1,
-     'step_ratio_bound': 1.05, 'heads_speedup': 4.0,
+     'step_ratio_bound': 1.05, 'check_cost': 1.02, 'heads_speedup': 4.0,
      'heads_hidden_speedup': 3.0, 'heads_speedup_bound': 8.0,
      'heads_hidden_speedup_bound': 2.0, 'memory_ratio': 1.5,
      'memory_ratio_f16': 1.25}
@@ -526,6 +540,7 @@ def ratios(row: dict, num_heads: int = 1, body_share: float = 1.0) -> dict:
         / (num_heads * row["ensemble_throughput"]),
         "step_ratio": row["hydra_step_s"] / row["single_step_s"],
         "step_ratio_bound": row["dense_step_s"] / row["single_step_s"],
+        "check_cost": row["hydra_step_s"] / row["unchecked_step_s"],
         "heads_speedup": row["loop_heads_step_s"] / row["vectorized_heads_step_s"],
         "heads_hidden_speedup": row["loop_heads_hidden_step_s"]
         / row["vectorized_heads_hidden_step_s"],
@@ -549,6 +564,8 @@ def table(results: dict) -> str:
         ("body ex/s", "body_throughput"),
         ("bound", "speedup_over_flop_bound"),
         ("Hydra step ms", "hydra_step_s"),
+        ("no check ms", "unchecked_step_s"),
+        ("check cost", "check_cost"),
         ("single step ms", "single_step_s"),
         ("step ratio", "step_ratio"),
         ("step bound", "step_ratio_bound"),
