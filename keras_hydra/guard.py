@@ -5,8 +5,9 @@ training batch, inside the compiled train step. A batch with a problem is
 skipped as a whole (no weight, optimizer slot or metric is updated), the
 first such step is recorded in a small variable, every later step of the
 same `fit` is skipped too, and `DataGuard` raises a `ValueError` naming the
-step and the tensor as soon as `fit` hands control back to callbacks (once
-per `steps_per_execution`). `tf.debugging` assertions are not used: XLA
+step and the tensor within `DataGuard.every` batches (reading the record
+costs about as much as the check itself) and at the end of each epoch.
+`tf.debugging` assertions are not used: XLA
 drops them, so they would not work under `jit_compile`.
 """
 
@@ -175,19 +176,36 @@ def guarded_step(model, step_fn, data):
 
 
 class DataGuard(keras.callbacks.Callback):
-    """Raises the guard's error after the step that found bad data.
+    """Raises the guard's error within `every` batches of the bad step.
 
-    `HydraModel.fit` adds it when `check_finite` is on; users never need to.
+    `HydraModel.fit` adds it, first, when `check_finite` is on; users never
+    need to. Steps after the bad one are skipped, so raising a few batches
+    later changes no weight; it saves the host-device read of the record
+    on all other batches.
     """
 
-    def __init__(self, record: Record):
+    def __init__(self, record: Record, every: int = 16):
         super().__init__()
         self._record = record
+        self.every = every
+        self._batches = 0
 
     def on_train_begin(self, logs=None):
         self._record.reset()
+        self._batches = 0
 
     def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self._batches % self.every == 0:
+            self._raise()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._raise()
+
+    def on_train_end(self, logs=None):
+        self._raise()
+
+    def _raise(self):
         error = self._record.error()
         if error is not None:
             raise error

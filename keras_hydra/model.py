@@ -181,7 +181,7 @@ class HydraModel(keras.Model):
         _keras_internals.forget_restored_epoch(self)
         if self.check_finite:
             callbacks = list(bound.arguments.get("callbacks") or ())
-            bound.arguments["callbacks"] = [*callbacks, guard.DataGuard(self._record)]
+            bound.arguments["callbacks"] = [guard.DataGuard(self._record), *callbacks]
         return super().fit(*bound.args, **bound.kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):

@@ -142,6 +142,30 @@ def test_guard_skips_the_rest_of_an_execution(data, clean_weights):
     np.testing.assert_allclose(flat_weights(model), clean_weights, rtol=1e-5, atol=1e-7)
 
 
+class CountBatches(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+
+def test_guard_raises_within_its_period_in_a_long_epoch(data, clean_weights):
+    # 40 batches in one epoch: the guard, first among the callbacks, raises at
+    # its 16th batch end, so the user's callback has seen 15; the steps
+    # after the bad one were skipped.
+    x, logits, weights = with_bad(data, "x", np.nan)
+    x, logits, weights = (np.concatenate([a] * 5) for a in (x, logits, weights))
+    counter = CountBatches()
+    model = hydra()
+    with pytest.raises(ValueError, match=f"at step {BAD_STEP} .*inputs x"):
+        fit(model, "arrays", x, logits, weights, epochs=1, callbacks=[counter])
+    assert counter.batches == kh.guard.DataGuard(None).every - 1
+    assert int(model.optimizer.iterations) == BAD_STEP
+    np.testing.assert_allclose(flat_weights(model), clean_weights, rtol=1e-5, atol=1e-7)
+
+
 def test_guard_resets_for_the_next_fit(data):
     model = hydra()
     with pytest.raises(ValueError, match="inputs x"):
@@ -237,6 +261,23 @@ def test_predict_distribution_flags_non_finite_rows(bad_rows):
     variance = keras.ops.convert_to_numpy(mixture.variance())[:, 0]
     assert np.all(np.isnan(mean[[2, 5]])) and np.all(np.isnan(variance[[2, 5]]))
     assert np.all(np.isfinite(np.delete(mean, [2, 5])))
+
+
+def test_huge_finite_inputs_give_huge_or_infinite_variance(data):
+    # Inputs 1e10 times the data's scale give variances about 1e20 times
+    # larger; at 1e20 the variance (a square of scales near 1e20) is past
+    # float32 and is +inf, documented: never NaN, never a small variance.
+    model = hydra(kh.heads.Distribution("Normal"), kh.losses.DistributionKL("Normal"))
+    x = data[0][:8]
+    result = {s: model.predict_uncertainty(x * s) for s in (1.0, 1e10, 1e20)}
+    variance = {s: r["variance"][:, 0] for s, r in result.items()}
+    assert np.all(np.isfinite(variance[1e10]))
+    assert np.all(variance[1e10] > 1e15 * variance[1.0])
+    np.testing.assert_array_equal(variance[1e20], np.inf)
+    assert np.all(np.isfinite(result[1e20]["mean"]))
+    mixture = model.predict_distribution(x * 1e20)
+    mixture_variance = keras.ops.convert_to_numpy(mixture.variance())
+    np.testing.assert_array_equal(mixture_variance, np.inf)
 
 
 def test_saved_model_flags_non_finite_rows(bad_rows, tmp_path):

@@ -80,9 +80,8 @@ def test_ratios_follow_the_measurements(quick):
     assert row["step_ratio_bound"] == pytest.approx(
         row["dense_step_s"] / row["single_step_s"]
     )
-    assert row["check_cost"] == pytest.approx(
-        row["hydra_step_s"] / row["unchecked_step_s"]
-    )
+    # The check's cost is a median of paired ratios, between their quartiles.
+    assert 0 < row["check_cost_low"] <= row["check_cost"] <= row["check_cost_high"]
     body, head = speed.flops(speed.SpeedConfig.quick())
     assert row["speedup_over_flop_bound"] == pytest.approx(
         row["body_throughput"] * body / (body + head) / (5 * row["ensemble_throughput"])

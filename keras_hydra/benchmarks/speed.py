@@ -16,8 +16,12 @@ classes) fed synthetic inputs, in one process:
   FLOPs, `(body + M head) / (body + head)`, and of a plain Keras model with
   the same FLOPs and loss, whose one `Dense(M * 10)` layer holds all heads:
   the bound for any implementation of the heads (`step_ratio_bound`); and
-  the Hydra's step with `check_finite=False`, whose ratio to the default
-  step is the cost of the bad-data check (`check_cost`);
+  the cost of the bad-data check (`check_cost`): the Hydra's step with its
+  check (and the batch hook of `fit`'s `DataGuard` callback) against the
+  step with `check_finite=False`, as the median of the two's ratio over
+  `check_repeats` back-to-back pairs (their order alternating), with the
+  quartiles of that ratio (`check_cost_low`, `check_cost_high`) to show
+  how finely the machine's noise lets it resolve;
 - forward + backward time of the heads alone, body excluded: `HydraHeads`
   against a Python loop of M Dense heads (traced into one graph), for linear
   heads and for heads with one 128-unit hidden layer;
@@ -57,7 +61,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_hydra import heads, losses
+from keras_hydra import guard, heads, losses
 from keras_hydra.layers import HydraHeads
 from keras_hydra.model import HydraModel
 from keras_hydra.teacher import Ensemble
@@ -69,7 +73,11 @@ KEYS = (
     "flop_ratio",
     "step_flop_ratio",
     "hydra_step_s",
+    "checked_step_s",
     "unchecked_step_s",
+    "check_cost",
+    "check_cost_low",
+    "check_cost_high",
     "single_step_s",
     "dense_step_s",
     "loop_heads_step_s",
@@ -90,7 +98,6 @@ RATIOS = (
     "speedup_over_flop_bound",
     "step_ratio",
     "step_ratio_bound",
-    "check_cost",
     "heads_speedup",
     "heads_hidden_speedup",
     "heads_speedup_bound",
@@ -122,6 +129,7 @@ class SpeedConfig:
     warmup: int = 3
     repeats: int = 7
     calls_per_repeat: int = 5
+    check_repeats: int = 101
     jit_compile: bool = False
     threads: int | None = None
     seed: int = 0
@@ -141,7 +149,38 @@ class SpeedConfig:
             warmup=1,
             repeats=3,
             calls_per_repeat=2,
+            check_repeats=5,
         )
+
+
+def repeat_times(
+    functions: dict[str, Callable[[], object]], warmup: int, repeats: int, calls: int
+) -> dict[str, list[float]]:
+    """Per function, the mean seconds of `calls` calls, `repeats` times.
+
+    The functions take turns, one repeat each, in an order reversed every
+    other repeat, so that a drift in the machine's speed (other load, clock
+    changes) reaches all of them alike and cancels in their ratios. Each
+    call's result is fetched to numpy so that asynchronous work is counted.
+
+    Example:
+
+    >>> times = repeat_times({"a": lambda: None}, warmup=1, repeats=3, calls=2)
+    >>> len(times["a"])
+    3
+    """
+    for function in functions.values():
+        for _ in range(warmup):
+            _fetch(function())
+    times = {name: [] for name in functions}
+    names = list(functions)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            for _ in range(calls):
+                _fetch(functions[name]())
+            times[name].append((time.perf_counter() - start) / calls)
+    return times
 
 
 def median_times(
@@ -149,27 +188,13 @@ def median_times(
 ) -> dict[str, float]:
     """Median over `repeats` of the mean seconds of `calls` calls, per function.
 
-    The functions take turns, one repeat each, so that a drift in the
-    machine's speed (other load, clock changes) reaches all of them alike
-    and cancels in their ratios. Each call's result is fetched to numpy so
-    that asynchronous work is counted.
-
     Example:
 
     >>> times = median_times({"a": lambda: None}, warmup=1, repeats=3, calls=2)
     >>> times["a"] >= 0.0
     True
     """
-    for function in functions.values():
-        for _ in range(warmup):
-            _fetch(function())
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                _fetch(function())
-            times[name].append((time.perf_counter() - start) / calls)
+    times = repeat_times(functions, warmup, repeats, calls)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -301,20 +326,53 @@ def _train_function(model: keras.Model, x, targets) -> Callable:
 
 
 def train_steps(config: SpeedConfig, num_heads: int, rng) -> dict:
-    """Seconds per train step of the Hydra, without its bad-data check, a
-    single-head model and `_dense`."""
-    x = rng.normal(size=(config.train_batch, config.input_dim)).astype("float32")
-    targets = rng.normal(size=(config.train_batch, num_heads, config.num_classes))
-    targets = targets.astype("float32")
+    """Seconds per train step of the Hydra, a single-head model and `_dense`."""
+    x, targets = _batch(config, num_heads, rng)
     steps = {
         "hydra_step_s": _train_function(_hydra(config, num_heads), x, targets),
-        "unchecked_step_s": _train_function(
-            _hydra(config, num_heads, check_finite=False), x, targets
-        ),
         "single_step_s": _train_function(_hydra(config, 1), x, targets[:, :1]),
         "dense_step_s": _train_function(_dense(config, num_heads), x, targets),
     }
     return median_times(steps, config.warmup, config.repeats, config.calls_per_repeat)
+
+
+def check_cost(config: SpeedConfig, num_heads: int, rng) -> dict:
+    """The Hydra's step with its bad-data check against the step without.
+
+    The checked step is what `fit` runs per batch: the compiled step and
+    `DataGuard.on_train_batch_end`, which reads the guard's record every
+    `DataGuard.every` batches.
+    """
+    x, targets = _batch(config, num_heads, rng)
+    checked = _hydra(config, num_heads)
+    checked_step = _train_function(checked, x, targets)
+    callback = guard.DataGuard(checked._record)
+
+    def step():
+        logs = checked_step()
+        callback.on_train_batch_end(0)
+        return logs
+
+    steps = {
+        "checked_step_s": step,
+        "unchecked_step_s": _train_function(
+            _hydra(config, num_heads, check_finite=False), x, targets
+        ),
+    }
+    times = repeat_times(
+        steps, config.warmup, config.check_repeats, config.calls_per_repeat
+    )
+    cost = np.divide(times["checked_step_s"], times["unchecked_step_s"])
+    low, median, high = np.percentile(cost, [25, 50, 75])
+    results = {name: statistics.median(t) for name, t in times.items()}
+    results.update(check_cost=median, check_cost_low=low, check_cost_high=high)
+    return results
+
+
+def _batch(config: SpeedConfig, num_heads: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.normal(size=(config.train_batch, config.input_dim)).astype("float32")
+    targets = rng.normal(size=(config.train_batch, num_heads, config.num_classes))
+    return x, targets.astype("float32")
 
 
 class _LoopHeads(keras.layers.Layer):
@@ -466,6 +524,7 @@ def run(config: SpeedConfig, out: str | None = None) -> dict:
         }
         row.update(inference(config, num_heads, rng))
         row.update(train_steps(config, num_heads, rng))
+        row.update(check_cost(config, num_heads, rng))
         row.update(heads_steps(config, num_heads, rng))
         row["hydra_peak_mb"] = peak_memory_mb(config, num_heads)
         row["hydra_peak_f16_mb"] = peak_memory_mb(config, num_heads, "float16")
@@ -516,8 +575,7 @@ def ratios(row: dict, num_heads: int = 1, body_share: float = 1.0) -> dict:
 
     >>> row = dict(hydra_throughput=90.0, ensemble_throughput=10.0,
     ...            body_throughput=95.0,
-    ...            flop_ratio=10.0, hydra_step_s=1.1, unchecked_step_s=1.08,
-    ...            single_step_s=1.0,
+    ...            flop_ratio=10.0, hydra_step_s=1.1, single_step_s=1.0,
     ...            dense_step_s=1.05,
     ...            loop_heads_step_s=4.0, vectorized_heads_step_s=1.0,
     ...            loop_heads_hidden_step_s=3.0, vectorized_heads_hidden_step_s=1.0,
@@ -526,7 +584,7 @@ def ratios(row: dict, num_heads: int = 1, body_share: float = 1.0) -> dict:
     >>> {k: round(v, 2) for k, v in ratios(row, num_heads=10).items()}
     {'inference_speedup': 9.0, 'speedup_over_flop_ratio': 0.9,
      'speedup_over_flop_bound': 0.95, 'step_ratio': 1.1,
-     'step_ratio_bound': 1.05, 'check_cost': 1.02, 'heads_speedup': 4.0,
+     'step_ratio_bound': 1.05, 'heads_speedup': 4.0,
      'heads_hidden_speedup': 3.0, 'heads_speedup_bound': 8.0,
      'heads_hidden_speedup_bound': 2.0, 'memory_ratio': 1.5,
      'memory_ratio_f16': 1.25}
@@ -540,7 +598,6 @@ def ratios(row: dict, num_heads: int = 1, body_share: float = 1.0) -> dict:
         / (num_heads * row["ensemble_throughput"]),
         "step_ratio": row["hydra_step_s"] / row["single_step_s"],
         "step_ratio_bound": row["dense_step_s"] / row["single_step_s"],
-        "check_cost": row["hydra_step_s"] / row["unchecked_step_s"],
         "heads_speedup": row["loop_heads_step_s"] / row["vectorized_heads_step_s"],
         "heads_hidden_speedup": row["loop_heads_hidden_step_s"]
         / row["vectorized_heads_hidden_step_s"],
@@ -564,8 +621,11 @@ def table(results: dict) -> str:
         ("body ex/s", "body_throughput"),
         ("bound", "speedup_over_flop_bound"),
         ("Hydra step ms", "hydra_step_s"),
+        ("checked ms", "checked_step_s"),
         ("no check ms", "unchecked_step_s"),
         ("check cost", "check_cost"),
+        ("check cost Q1", "check_cost_low"),
+        ("check cost Q3", "check_cost_high"),
         ("single step ms", "single_step_s"),
         ("step ratio", "step_ratio"),
         ("step bound", "step_ratio_bound"),
