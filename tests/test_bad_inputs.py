@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 import keras_hydra as kh
+from keras_hydra.guard import DataGuard
 
 N, FEATURES, MEMBERS, CLASSES, BATCH = 256, 8, 4, 3, 32
 BAD_ROW, BAD_STEP = 200, 200 // 32
@@ -161,7 +162,7 @@ def test_guard_raises_within_its_period_in_a_long_epoch(data, clean_weights):
     model = hydra()
     with pytest.raises(ValueError, match=f"at step {BAD_STEP} .*inputs x"):
         fit(model, "arrays", x, logits, weights, epochs=1, callbacks=[counter])
-    assert counter.batches == kh.guard.DataGuard(None).every - 1
+    assert counter.batches == DataGuard(None).every - 1
     assert int(model.optimizer.iterations) == BAD_STEP
     np.testing.assert_allclose(flat_weights(model), clean_weights, rtol=1e-5, atol=1e-7)
 
