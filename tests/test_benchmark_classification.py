@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -197,6 +198,12 @@ def test_cnn_members_and_bodies(digits):
     # 3x3 convolutions without bias, BN's 4 vectors per block, a Dense head.
     convs = 9 * 16 + 9 * 16 * 32
     assert member.count_params() == convs + 4 * (16 + 32) + 32 * 10 + 10
+    # --student-filters widens the students' body only.
+    wide = dataclasses.replace(config, student_filters=(32, 64))
+    assert classification.network(wide, "body")(x).shape == (2, 64)
+    wide_member = classification.network(wide, "member", 10)
+    assert wide_member(x).shape == (2, 10)
+    assert wide_member.count_params() == member.count_params()
     with pytest.raises(ValueError, match="Unknown body 'resnet'"):
         classification.run(
             "/nonexistent", classification.ClassificationConfig(body="resnet")

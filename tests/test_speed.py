@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from keras_hydra import cli
@@ -86,6 +87,26 @@ def test_ratios_follow_the_measurements(quick):
     assert row["speedup_over_flop_bound"] == pytest.approx(
         row["body_throughput"] * body / (body + head) / (5 * row["ensemble_throughput"])
     )
+
+
+def test_check_cost_times_a_step_that_checks_against_one_that_does_not():
+    # Fed a NaN batch, the benchmark's checked step leaves the weights as
+    # they were and the unchecked step makes them NaN, on the same model.
+    config = speed.SpeedConfig.quick()
+    x, targets = speed._batch(config, 3, np.random.default_rng(0))
+    x[5, 7] = np.nan
+    model = speed._hydra(config, 3)
+    before = [w.numpy() for w in model.trainable_weights]
+    steps = speed.check_steps(model, x, targets)
+    assert model.check_finite
+    assert int(model._record.values[0]) >= 0
+    for weight, value in zip(model.trainable_weights, before, strict=True):
+        weight.assign(value)
+    steps["checked"]()
+    for weight, value in zip(model.trainable_weights, before, strict=True):
+        np.testing.assert_array_equal(weight.numpy(), value)
+    steps["unchecked"]()
+    assert not all(np.isfinite(w.numpy()).all() for w in model.trainable_weights)
 
 
 def test_threads_size_both_pools_in_a_fresh_process():

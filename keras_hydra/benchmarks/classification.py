@@ -7,7 +7,8 @@ on Fashion-MNIST labels. From it, for each `--recipe` (a
 `keras_hydra.distill` and a KD student with `distill` and `recipe.kd()` (the
 same transfer set, body, batch size, learning rate and total epochs, one
 linear head), on a student body of the same kind (`--body mlp`: 784-512;
-`cnn`: `images.cnn`). The single model is an ensemble member (member `s` for
+`cnn`: `images.cnn` with `--student-filters`, by default the members' 16 and
+32). The single model is an ensemble member (member `s` for
 seed `s`). Everything is scored on the Fashion-MNIST test set and on the
 out-of-distribution sets of `images.ood_sets` (MNIST, plus sets built from
 offline data) and any `--extra-ood` files, and written to
@@ -61,6 +62,8 @@ class ClassificationConfig:
         body: `"mlp"` or `"cnn"`, the members' and students' kind.
         hidden: hidden layers of the MLP members.
         student_hidden: hidden layers of the MLP students' body.
+        student_filters: filters of the CNN students' convolutional blocks
+            (the members have `images.cnn`'s default, 16 and 32).
         member_epochs: int, epochs of the members' training; `None` for the
             body's default (5 for MLPs, `images.CNN_EPOCHS` for CNNs).
         batch_size: int, the members' batch size.
@@ -78,6 +81,7 @@ class ClassificationConfig:
     body: str = "mlp"
     hidden: tuple = (512, 512)
     student_hidden: tuple = (512,)
+    student_filters: tuple = (16, 32)
     member_epochs: int | None = None
     batch_size: int = 256
     learning_rate: float = 1e-3
@@ -181,6 +185,8 @@ def _mlp(hidden: Sequence[int], name: str, outputs: int | None = None):
 def network(config: ClassificationConfig, name: str, outputs: int | None = None):
     """A member (with `outputs`) or a student body of `config.body`'s kind."""
     if config.body == "cnn":
+        if outputs is None:
+            return images.cnn(name, filters=config.student_filters)
         return images.cnn(name, outputs)
     hidden = config.hidden if outputs is not None else config.student_hidden
     return _mlp(hidden, name, outputs)
@@ -850,6 +856,13 @@ def add_arguments(parser) -> None:
         help="train on a random subset of this many Fashion-MNIST images",
     )
     parser.add_argument(
+        "--student-filters",
+        type=int,
+        nargs="+",
+        default=None,
+        help="filters of the CNN students' blocks (default 16 32, as the members)",
+    )
+    parser.add_argument(
         "--student-dtype",
         default=None,
         choices=("mixed_bfloat16", "float32"),
@@ -876,6 +889,7 @@ def main(args) -> None:
         "member_epochs": args.member_epochs,
         "train_size": args.train_size,
         "student_dtype": args.student_dtype,
+        "student_filters": args.student_filters and tuple(args.student_filters),
     }
     config = dataclasses.replace(
         config, **{k: v for k, v in overrides.items() if v is not None}

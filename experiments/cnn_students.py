@@ -1,0 +1,100 @@
+"""Study: which CNN student lets Hydra's heads keep the CNN ensemble's spread?
+
+Not part of the package. Trains the benchmark's CNN ensemble once
+(`--body cnn`, full Fashion-MNIST, seed 0), builds the `image_ood` transfer
+set, then distils one `image_ood` Hydra per student body and scores each as
+the benchmark does (`classification.evaluate` / `fidelity`). Results go to
+OUT/results.json after every variant.
+
+    python experiments/cnn_students.py OUT base wide flat
+"""
+
+import json
+import os
+import sys
+import time
+
+import keras
+
+from keras_hydra import heads, recipes, teacher
+from keras_hydra.benchmarks import classification as cls
+from keras_hydra.benchmarks import images
+
+
+def body(variant: str) -> keras.Model:
+    if variant == "base":
+        return images.cnn("body")
+    if variant == "wide":
+        return images.cnn("body", filters=(32, 64))
+    if variant == "flat":  # the last feature map flattened, not pooled
+        model = images.cnn("body")
+        model.pop()
+        model.add(keras.layers.Flatten())
+        return model
+    raise ValueError(variant)
+
+
+def main(out, variants):
+    os.makedirs(out, exist_ok=True)
+    config = cls.ClassificationConfig(body="cnn", seeds=1)
+    data = cls.load_data(config)
+    x, y = data["x_train"], data["y_train"]
+    tick = time.perf_counter()
+    members = cls.train_ensemble(x, y, config)
+    ensemble = teacher.Ensemble(members)
+    print(f"members {time.perf_counter() - tick:.0f} s", flush=True)
+
+    def outputs_of(model):
+        return {
+            "test": cls._outputs(model, data["x_test"]),
+            "ood": {k: cls._outputs(model, v) for k, v in data["ood"].items()},
+        }
+
+    ens_out = outputs_of(ensemble)
+    results = {"ensemble": cls.evaluate(ens_out, data["y_test"], 0)}
+    recipe = recipes.HydraRecipe.get("image_ood")
+    transfer = recipes.transfer_set(
+        ensemble, x, recipe, image_shape=cls.IMAGE_SHAPE, seed=7, batch_size=2048
+    )
+    for variant in variants:
+        tick = time.perf_counter()
+        keras.utils.set_random_seed(2000)
+        with cls._dtype_policy(config.student_dtype):
+            hydra = recipes.distill(
+                members,
+                body(variant),
+                heads.Categorical(10),
+                None,
+                recipe,
+                transfer_data=transfer,
+                seed=7,
+                verbose=0,
+            )
+        hydra_out = outputs_of(hydra)
+        results[variant] = {
+            **cls.evaluate(hydra_out, data["y_test"], hydra.count_params()),
+            "fidelity": cls.fidelity(ens_out, hydra_out),
+            "spread": float(keras.ops.convert_to_numpy(hydra.spread)),
+            "seconds": time.perf_counter() - tick,
+        }
+        r = results[variant]
+        print(
+            variant,
+            f"{r['seconds']:.0f} s acc {r['accuracy']:.4f} nll {r['nll']:.4f}",
+            {k: round(v["mutual_information"], 4) for k, v in r["ood_auroc"].items()},
+            {k: round(v, 3) for k, v in r["fidelity"]["mean_mi_ratio_ood"].items()},
+            flush=True,
+        )
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=float)
+    e = results["ensemble"]
+    print(
+        "ensemble",
+        e["accuracy"],
+        e["nll"],
+        {k: round(v["mutual_information"], 4) for k, v in e["ood_auroc"].items()},
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
