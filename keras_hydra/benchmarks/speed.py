@@ -18,10 +18,11 @@ classes) fed synthetic inputs, in one process:
   the bound for any implementation of the heads (`step_ratio_bound`); and
   the cost of the bad-data check (`check_cost`): the Hydra's step with its
   check (and the batch hook of `fit`'s `DataGuard` callback) against the
-  same model's step with `check_finite=False`, as the median of the two's ratio over
-  `check_repeats` back-to-back pairs (their order alternating), with the
-  quartiles of that ratio (`check_cost_low`, `check_cost_high`) to show
-  how finely the machine's noise lets it resolve;
+  same model's step with `check_finite=False` (both traced before timing),
+  as the median of the two's ratio over `check_repeats` back-to-back pairs
+  (their order alternating), with the quartiles of that ratio
+  (`check_cost_low`, `check_cost_high`) to show how finely the machine's
+  noise lets it resolve;
 - forward + backward time of the heads alone, body excluded: `HydraHeads`
   against a Python loop of M Dense heads (traced into one graph), for linear
   heads and for heads with one 128-unit hidden layer;
@@ -248,14 +249,9 @@ def _compile(model: keras.Model, config: SpeedConfig) -> None:
     )
 
 
-def _hydra(
-    config: SpeedConfig, num_heads: int, check_finite: bool = True
-) -> HydraModel:
+def _hydra(config: SpeedConfig, num_heads: int) -> HydraModel:
     model = HydraModel(
-        _body(config),
-        heads.Categorical(config.num_classes),
-        num_heads=num_heads,
-        check_finite=check_finite,
+        _body(config), heads.Categorical(config.num_classes), num_heads=num_heads
     )
     _compile(model, config)
     model.build((None, config.input_dim))
