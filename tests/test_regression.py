@@ -10,7 +10,7 @@ from sklearn.datasets import load_diabetes
 import keras_hydra as kh
 from keras_hydra import distributions
 
-from conftest import SHARED_UCI
+from conftest import SHARED_UCI, needs_uci
 
 tfd = distributions.tfd
 
@@ -340,13 +340,11 @@ def test_uci_loader_errors(tmp_path):
         kh.data.uci.load(tmp_path / "c", 1)
 
 
-@pytest.mark.skipif(
-    not os.path.isdir(SHARED_UCI),
-    reason="needs the UCI regression sets in shared/datasets/uci beside the repository",
-)
+@needs_uci
 def test_uci_loader_reads_every_shared_set():
-    for name in sorted(os.listdir(SHARED_UCI)):
-        root = os.path.join(SHARED_UCI, name)
+    directory = os.environ.get("KERAS_HYDRA_UCI_DIR") or SHARED_UCI
+    for name in sorted(os.listdir(directory)):
+        root = os.path.join(directory, name)
         if not os.path.isdir(root):
             continue
         split = kh.data.uci.load(root, kh.data.uci.num_splits(root) - 1)
