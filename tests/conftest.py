@@ -17,6 +17,7 @@ TEMPERATURE = 2.0
 SHARED_UCI = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "datasets", "uci"
 )
+UCI_DIR = os.environ.get("KERAS_HYDRA_UCI_DIR") or SHARED_UCI
 
 
 def _has_fashion_mnist(directory: str | None) -> bool:
@@ -37,7 +38,7 @@ needs_fashion_mnist = pytest.mark.skipif(
     f"(.ci/run installs it) or its IDX files in ${fashion_mnist.ENV_VAR}",
 )
 needs_uci = pytest.mark.skipif(
-    not (os.environ.get("KERAS_HYDRA_UCI_DIR") or os.path.isdir(SHARED_UCI)),
+    not os.path.isdir(UCI_DIR),
     reason="needs the UCI regression sets: shared/datasets/uci beside the "
     "repository (as in CI) or $KERAS_HYDRA_UCI_DIR",
 )

@@ -10,7 +10,7 @@ from sklearn.datasets import load_diabetes
 import keras_hydra as kh
 from keras_hydra import distributions
 
-from conftest import SHARED_UCI, needs_uci
+from conftest import UCI_DIR, needs_uci
 
 tfd = distributions.tfd
 
@@ -342,9 +342,8 @@ def test_uci_loader_errors(tmp_path):
 
 @needs_uci
 def test_uci_loader_reads_every_shared_set():
-    directory = os.environ.get("KERAS_HYDRA_UCI_DIR") or SHARED_UCI
-    for name in sorted(os.listdir(directory)):
-        root = os.path.join(directory, name)
+    for name in sorted(os.listdir(UCI_DIR)):
+        root = os.path.join(UCI_DIR, name)
         if not os.path.isdir(root):
             continue
         split = kh.data.uci.load(root, kh.data.uci.num_splits(root) - 1)
