@@ -6,7 +6,7 @@ set, then distils one `image_ood` Hydra per student body and scores each as
 the benchmark does (`classification.evaluate` / `fidelity`). Results go to
 OUT/results.json after every variant.
 
-    python experiments/cnn_students.py OUT base wide flat
+    python experiments/cnn_students.py OUT base wide flat wideflat conv
 """
 
 import json
@@ -26,12 +26,32 @@ def body(variant: str) -> keras.Model:
         return images.cnn("body")
     if variant == "wide":
         return images.cnn("body", filters=(32, 64))
-    if variant == "flat":  # the last feature map flattened, not pooled
-        model = images.cnn("body")
+    if variant in ("flat", "wideflat"):  # the last feature map flattened
+        model = images.cnn(
+            "body", filters=(32, 64) if variant == "wideflat" else (16, 32)
+        )
         model.pop()
         model.add(keras.layers.Flatten())
         return model
+    if variant == "conv":  # the last feature map, for heads with conv_filters
+        return images.cnn("body", pooling=False)
     raise ValueError(variant)
+
+
+def head(variant: str) -> heads.Categorical:
+    return heads.Categorical(10, conv_filters=32 if variant == "conv" else 0)
+
+
+def _members(folder, x, y, config):
+    """The benchmark's members, trained once and then read back from `folder`."""
+    paths = [os.path.join(folder, f"member_{m}.keras") for m in range(config.members)]
+    if all(os.path.exists(p) for p in paths):
+        return [keras.saving.load_model(p) for p in paths]
+    members = cls.train_ensemble(x, y, config)
+    os.makedirs(folder, exist_ok=True)
+    for member, p in zip(members, paths, strict=True):
+        member.save(p)
+    return members
 
 
 def main(out, variants):
@@ -40,7 +60,7 @@ def main(out, variants):
     data = cls.load_data(config)
     x, y = data["x_train"], data["y_train"]
     tick = time.perf_counter()
-    members = cls.train_ensemble(x, y, config)
+    members = _members(os.path.join(out, "members"), x, y, config)
     ensemble = teacher.Ensemble(members)
     print(f"members {time.perf_counter() - tick:.0f} s", flush=True)
 
@@ -51,7 +71,12 @@ def main(out, variants):
         }
 
     ens_out = outputs_of(ensemble)
-    results = {"ensemble": cls.evaluate(ens_out, data["y_test"], 0)}
+    path = os.path.join(out, "results.json")
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    results["ensemble"] = cls.evaluate(ens_out, data["y_test"], 0)
     recipe = recipes.HydraRecipe.get("image_ood")
     transfer = recipes.transfer_set(
         ensemble, x, recipe, image_shape=cls.IMAGE_SHAPE, seed=7, batch_size=2048
@@ -63,7 +88,7 @@ def main(out, variants):
             hydra = recipes.distill(
                 members,
                 body(variant),
-                heads.Categorical(10),
+                head(variant),
                 None,
                 recipe,
                 transfer_data=transfer,
@@ -85,7 +110,7 @@ def main(out, variants):
             {k: round(v, 3) for k, v in r["fidelity"]["mean_mi_ratio_ood"].items()},
             flush=True,
         )
-        with open(os.path.join(out, "results.json"), "w") as f:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1, default=float)
     e = results["ensemble"]
     print(

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_hydra import distributions, uncertainty
+from keras_hydra import distributions, uncertainty, validation
 from keras_hydra.layers import DistributionHeads, HydraHeads
 
 tfd = distributions.tfd
@@ -36,6 +36,9 @@ class Categorical:
         hidden_units: sequence of ints, hidden layer sizes inside each head
             (empty for linear heads, as in the paper).
         activation: activation of the hidden layers.
+        conv_filters: int, filters of a convolution that starts each head,
+            for a body that ends in a feature map `[batch, h, w, c]` (see
+            `keras_hydra.layers.HydraHeads`); 0 for flat features.
 
     Example:
 
@@ -45,13 +48,18 @@ class Categorical:
     """
 
     def __init__(
-        self, num_classes: int, hidden_units: Sequence[int] = (), activation="relu"
+        self,
+        num_classes: int,
+        hidden_units: Sequence[int] = (),
+        activation="relu",
+        conv_filters: int = 0,
     ):
         if int(num_classes) < 2:
             raise ValueError(f"`num_classes` must be >= 2. Received: {num_classes}")
         self.num_classes = int(num_classes)
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.activation = activation
+        self.conv_filters = validation.count(conv_filters, "conv_filters", minimum=0)
 
     @property
     def units(self) -> int:
@@ -65,6 +73,7 @@ class Categorical:
             self.units,
             hidden_units=self.hidden_units,
             activation=self.activation,
+            conv_filters=self.conv_filters,
             name=name,
         )
 
@@ -115,6 +124,7 @@ class Categorical:
             "activation": keras.activations.serialize(
                 keras.activations.get(self.activation)
             ),
+            "conv_filters": self.conv_filters,
         }
 
     @classmethod
@@ -143,6 +153,8 @@ class Distribution:
         min_scale: float, floor of positive parameters.
         levels: central prediction interval levels reported by
             `uncertainty` (and the serving signature).
+        conv_filters: int, filters of a convolution that starts each head,
+            for a body that ends in a feature map; 0 for flat features.
 
     Example:
 
@@ -159,6 +171,7 @@ class Distribution:
         activation="relu",
         min_scale: float = 1e-3,
         levels: Sequence[float] = (0.5, 0.9, 0.95),
+        conv_filters: int = 0,
     ):
         self.family = distributions.resolve(family)
         if int(event_size) < 1:
@@ -174,6 +187,7 @@ class Distribution:
                     f"Interval levels must be in (0, 1). Received: {level}"
                 )
         self.parameter_names = distributions.parameter_names(self.family)
+        self.conv_filters = validation.count(conv_filters, "conv_filters", minimum=0)
 
     @property
     def units(self) -> int:
@@ -189,6 +203,7 @@ class Distribution:
             min_scale=self.min_scale,
             hidden_units=self.hidden_units,
             activation=self.activation,
+            conv_filters=self.conv_filters,
             name=name,
         )
 
@@ -259,6 +274,7 @@ class Distribution:
             ),
             "min_scale": self.min_scale,
             "levels": list(self.levels),
+            "conv_filters": self.conv_filters,
         }
 
     @classmethod

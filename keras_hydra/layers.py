@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_hydra import distributions
+from keras_hydra import distributions, validation
 
 
 def _per_head(initializer, num_heads: int):
@@ -36,7 +36,7 @@ def _per_head(initializer, num_heads: int):
 
 @keras.saving.register_keras_serializable(package="keras_hydra")
 class HydraHeads(keras.layers.Layer):
-    """`num_heads` independent MLP heads evaluated as one batched kernel.
+    """`num_heads` independent heads evaluated as one batched kernel.
 
     Head `m` is a stack of dense layers with its own weights. All heads run
     together: linear heads as one matrix product of the shared features with
@@ -44,17 +44,28 @@ class HydraHeads(keras.layers.Layer):
     matrix products over the head axis, so the cost of many heads is a few
     larger matrix products, not a Python loop.
 
+    With `conv_filters`, each head starts with its own convolution over a
+    feature map (the paper's heads on convolutional bodies are a last
+    block): a `conv_kernel_size` convolution with `conv_filters` filters,
+    the activation and global average pooling, then the dense layers. The
+    heads' convolutions run as one convolution with `num_heads *
+    conv_filters` filters, since they all read the same feature map.
+
     Args:
         num_heads: int, the number of heads.
         units: int, the output size of each head.
         hidden_units: sequence of ints, sizes of hidden layers inside each head.
-        activation: activation of the hidden layers.
+        activation: activation of the hidden layers and of the convolution.
+        conv_filters: int, filters of each head's convolution; 0 (the
+            default) for heads on flat features.
+        conv_kernel_size: int, the size of that convolution's square kernel.
         kernel_initializer: initializer of each head's kernels (drawn per head).
         bias_initializer: initializer of the biases.
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        features: tensor `[batch, features]`.
+        features: tensor `[batch, features]`, or `[batch, height, width,
+            channels]` with `conv_filters`.
 
     Returns:
         Tensor `[batch, num_heads, units]`.
@@ -64,6 +75,9 @@ class HydraHeads(keras.layers.Layer):
     >>> heads = HydraHeads(num_heads=4, units=3, hidden_units=(8,))
     >>> tuple(heads(np.zeros((2, 5), "float32")).shape)
     (2, 4, 3)
+    >>> conv = HydraHeads(num_heads=4, units=3, conv_filters=8)
+    >>> tuple(conv(np.zeros((2, 7, 7, 16), "float32")).shape)
+    (2, 4, 3)
     """
 
     def __init__(
@@ -72,6 +86,8 @@ class HydraHeads(keras.layers.Layer):
         units: int,
         hidden_units: Sequence[int] = (),
         activation="relu",
+        conv_filters: int = 0,
+        conv_kernel_size: int = 3,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         **kwargs,
@@ -85,17 +101,41 @@ class HydraHeads(keras.layers.Layer):
         self.units = int(units)
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.activation = keras.activations.get(activation)
+        self.conv_filters = validation.count(conv_filters, "conv_filters", minimum=0)
+        self.conv_kernel_size = validation.count(conv_kernel_size, "conv_kernel_size")
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
 
     def build(self, input_shape):
-        if len(input_shape) != 2:
+        input_shape = tuple(input_shape)
+        if self.conv_filters and len(input_shape) != 4:
+            raise ValueError(
+                "HydraHeads with conv_filters expects a feature map of shape "
+                f"[batch, height, width, channels]; received shape {input_shape}. "
+                "End the body before its pooling layer."
+            )
+        if not self.conv_filters and len(input_shape) != 2:
             raise ValueError(
                 "HydraHeads expects features of shape [batch, features]; "
-                f"received shape {tuple(input_shape)}. End the body with a "
-                "Flatten or pooling layer."
+                f"received shape {input_shape}. End the body with a "
+                "Flatten or pooling layer, or give the heads conv_filters."
             )
-        sizes = [input_shape[-1], *self.hidden_units, self.units]
+        self.feature_shape = input_shape[1:]
+        fan_in = input_shape[-1]
+        if self.conv_filters:
+            size = self.conv_kernel_size
+            self.conv_kernel = self.add_weight(
+                shape=(self.num_heads, size, size, fan_in, self.conv_filters),
+                initializer=_per_head(self.kernel_initializer, self.num_heads),
+                name="conv_kernel",
+            )
+            self.conv_bias = self.add_weight(
+                shape=(self.num_heads, self.conv_filters),
+                initializer=self.bias_initializer,
+                name="conv_bias",
+            )
+            fan_in = self.conv_filters
+        sizes = [fan_in, *self.hidden_units, self.units]
         self.kernels = []
         self.biases = []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -115,6 +155,8 @@ class HydraHeads(keras.layers.Layer):
             )
 
     def call(self, features):
+        if self.conv_filters:
+            return self._conv_call(features)
         if self.hidden_units:
             # Batched matmuls over a leading head axis, [M, batch, units]: no
             # per-call copy of the kernels or of the wide hidden activations.
@@ -134,6 +176,22 @@ class HydraHeads(keras.layers.Layer):
         )
         x = ops.reshape(ops.matmul(features, stacked), (-1, num_heads, fan_out))
         return x + self.biases[0]
+
+    def _conv_call(self, features):
+        num_heads, size, _, fan_in, filters = self.conv_kernel.shape
+        kernel = ops.reshape(
+            ops.transpose(self.conv_kernel, (1, 2, 3, 0, 4)),
+            (size, size, fan_in, num_heads * filters),
+        )
+        x = ops.conv(features, kernel, padding="same", data_format="channels_last")
+        x = self.activation(x + ops.reshape(self.conv_bias, (-1,)))
+        x = ops.reshape(ops.mean(x, axis=(1, 2)), (-1, num_heads, filters))
+        x = ops.transpose(x, (1, 0, 2))  # [M, batch, filters]
+        for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases, strict=True)):
+            if i:
+                x = self.activation(x)
+            x = ops.matmul(x, kernel) + bias[:, None]
+        return ops.transpose(x, (1, 0, 2))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_heads, self.units)
@@ -175,7 +233,7 @@ class HydraHeads(keras.layers.Layer):
         config = self.get_config()
         config["num_heads"] = num_heads
         expanded = self.__class__.from_config(config)
-        expanded.build((None, self.kernels[0].shape[1]))
+        expanded.build((None, *self.feature_shape))
         if not copy:
             return expanded
         rng = np.random.default_rng(seed)
@@ -194,6 +252,8 @@ class HydraHeads(keras.layers.Layer):
                 "units": self.units,
                 "hidden_units": list(self.hidden_units),
                 "activation": keras.activations.serialize(self.activation),
+                "conv_filters": self.conv_filters,
+                "conv_kernel_size": self.conv_kernel_size,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),

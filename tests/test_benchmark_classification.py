@@ -204,6 +204,12 @@ def test_cnn_members_and_bodies(digits):
     wide_member = classification.network(wide, "member", 10)
     assert wide_member(x).shape == (2, 10)
     assert wide_member.count_params() == member.count_params()
+    # --student-head-conv leaves the last feature map to the heads.
+    conv = dataclasses.replace(config, student_head_conv=8)
+    assert classification.network(conv, "body")(x).shape == (2, 7, 7, 32)
+    assert classification.network(conv, "member", 10)(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="body='mlp' with student_head_conv=8"):
+        classification.ClassificationConfig(body="mlp", student_head_conv=8)
     with pytest.raises(ValueError, match="Unknown body 'resnet'"):
         classification.run(
             "/nonexistent", classification.ClassificationConfig(body="resnet")

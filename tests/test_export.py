@@ -225,3 +225,31 @@ def test_refuses_unbuilt_model_and_non_empty_path(tmp_path):
     kh.export.saved_model(model, str(target), overwrite=True)
     assert (target / "saved_model.pb").exists() and not (target / "keep.txt").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export-")] == []
+
+
+def test_conv_heads_train_save_and_serve(tmp_path):
+    """Heads with `conv_filters` on a CNN's feature map, through every format."""
+    rng = np.random.default_rng(4)
+    x = rng.uniform(size=(32, 8, 8, 1)).astype("float32")
+    targets = rng.normal(size=(32, 3, 4)).astype("float32")
+    body = keras.Sequential(
+        [keras.Input((8, 8, 1), name="x"), keras.layers.Conv2D(4, 3, activation="relu")]
+    )
+    model = kh.HydraModel(body, kh.heads.Categorical(4, conv_filters=5))
+    model.compile(optimizer="adam", loss=kh.losses.HydraKL())
+    model.fit(x, targets.mean(1, keepdims=True), epochs=1, verbose=0)
+    model.add_heads(3, noise_stddev=0.1, seed=0)
+    model.fit(x, targets, epochs=1, verbose=0)
+    assert model.heads.conv_kernel.shape == (3, 3, 3, 4, 5)
+    expected = model.predict(x, verbose=0)
+    assert np.ptp(expected, axis=1).max() > 1e-3  # the heads differ
+
+    model.save(tmp_path / "hydra.keras")
+    loaded = keras.saving.load_model(tmp_path / "hydra.keras")
+    assert loaded.head.conv_filters == 5
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, rtol=1e-6)
+
+    path = str(tmp_path / "serving" / "1")
+    kh.export.saved_model(model, path)
+    served, _ = serve_in_fresh_process(path, x[:7], tmp_path)
+    assert_same_outputs(served, model.predict_uncertainty(x[:7]))

@@ -247,3 +247,25 @@ def test_empty_inputs_are_refused(members):
     empty = tf.data.Dataset.from_tensor_slices(np.zeros((0, 64), "float32")).batch(4)
     with pytest.raises(ValueError, match="The dataset `x` yields no batches"):
         kh.distill(members, mlp_body(), kh.heads.Categorical(6), empty, verbose=0)
+
+
+def test_image_ood_on_a_cnn_body_with_conv_heads(digits, members):
+    """The recipe's fresh heads keep `conv_filters` and get its hidden layer."""
+    x = digits["x_train"][:200]
+    body = keras.Sequential(
+        [keras.layers.Reshape((8, 8, 1)), keras.layers.Conv2D(8, 3, activation="relu")]
+    )
+    hydra = kh.distill(
+        members,
+        body,
+        kh.heads.Categorical(6, conv_filters=4),
+        x,
+        quick("image_ood", phase2_epochs=1),
+        image_shape=(8, 8),
+        seed=0,
+        verbose=0,
+    )
+    assert (hydra.head.conv_filters, hydra.head.hidden_units) == (4, (128,))
+    assert hydra.heads.conv_kernel.shape == (len(members), 3, 3, 8, 4)
+    outputs = hydra.predict(digits["x_test"], verbose=0)
+    assert np.isfinite(outputs).all() and np.ptp(outputs, axis=1).max() > 1e-3

@@ -8,7 +8,8 @@ on Fashion-MNIST labels. From it, for each `--recipe` (a
 same transfer set, body, batch size, learning rate and total epochs, one
 linear head), on a student body of the same kind (`--body mlp`: 784-512;
 `cnn`: `images.cnn` with `--student-filters`, by default the members' 16 and
-32). The single model is an ensemble member (member `s` for seed `s`).
+32, and with `--student-head-conv`, heads that start with a convolution on
+its last feature map). The single model is an ensemble member (member `s` for seed `s`).
 Everything is scored on the Fashion-MNIST test set and on the
 out-of-distribution sets of `images.ood_sets` (MNIST, plus sets built from
 offline data) and any `--extra-ood` files, and written to
@@ -64,6 +65,10 @@ class ClassificationConfig:
         student_hidden: hidden layers of the MLP students' body.
         student_filters: filters of the CNN students' convolutional blocks
             (the members have `images.cnn`'s default, 16 and 32).
+        student_head_conv: int, filters of a convolution that starts each
+            CNN student head, on the body's last feature map
+            (`heads.Categorical(conv_filters=...)`); 0 for heads on pooled
+            features.
         member_epochs: int, epochs of the members' training; `None` for the
             body's default (5 for MLPs, `images.CNN_EPOCHS` for CNNs).
         batch_size: int, the members' batch size.
@@ -82,6 +87,7 @@ class ClassificationConfig:
     hidden: tuple = (512, 512)
     student_hidden: tuple = (512,)
     student_filters: tuple = (16, 32)
+    student_head_conv: int = 0
     member_epochs: int | None = None
     batch_size: int = 256
     learning_rate: float = 1e-3
@@ -92,6 +98,13 @@ class ClassificationConfig:
     recipe_changes: dict = field(default_factory=dict)
     seed: int = 0
     student_dtype: str = "mixed_bfloat16"
+
+    def __post_init__(self):
+        if self.student_head_conv and self.body != "cnn":
+            raise ValueError(
+                "student_head_conv needs a CNN body's feature map; received "
+                f"body={self.body!r} with student_head_conv={self.student_head_conv}."
+            )
 
     @classmethod
     def quick(cls) -> ClassificationConfig:
@@ -186,7 +199,11 @@ def network(config: ClassificationConfig, name: str, outputs: int | None = None)
     """A member (with `outputs`) or a student body of `config.body`'s kind."""
     if config.body == "cnn":
         if outputs is None:
-            return images.cnn(name, filters=config.student_filters)
+            return images.cnn(
+                name,
+                filters=config.student_filters,
+                pooling=not config.student_head_conv,
+            )
         return images.cnn(name, outputs)
     hidden = config.hidden if outputs is not None else config.student_hidden
     return _mlp(hidden, name, outputs)
@@ -254,7 +271,7 @@ def train_student(
         return recipes.distill(
             members,
             network(config, "body"),
-            heads.Categorical(NUM_CLASSES),
+            heads.Categorical(NUM_CLASSES, conv_filters=config.student_head_conv),
             None,
             recipe,
             transfer_data=transfer_data,
@@ -863,6 +880,13 @@ def add_arguments(parser) -> None:
         help="filters of the CNN students' blocks (default 16 32, as the members)",
     )
     parser.add_argument(
+        "--student-head-conv",
+        type=int,
+        default=None,
+        help="filters of a convolution starting each CNN student head, on the "
+        "body's last feature map (default 0: heads on pooled features)",
+    )
+    parser.add_argument(
         "--student-dtype",
         default=None,
         choices=("mixed_bfloat16", "float32"),
@@ -890,6 +914,7 @@ def main(args) -> None:
         "train_size": args.train_size,
         "student_dtype": args.student_dtype,
         "student_filters": args.student_filters and tuple(args.student_filters),
+        "student_head_conv": args.student_head_conv,
     }
     config = dataclasses.replace(
         config, **{k: v for k, v in overrides.items() if v is not None}

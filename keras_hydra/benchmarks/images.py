@@ -17,7 +17,9 @@ CNN_EPOCHS = 6
 IMAGE_SHAPE = (28, 28)
 
 
-def cnn(name: str, outputs: int | None = None, filters=(16, 32)) -> keras.Model:
+def cnn(
+    name: str, outputs: int | None = None, filters=(16, 32), pooling: bool = True
+) -> keras.Model:
     """A small CNN on flat 784-pixel inputs: Conv2D + BatchNormalization blocks.
 
     Each block is a 3x3 convolution without bias, batch normalization
@@ -30,6 +32,9 @@ def cnn(name: str, outputs: int | None = None, filters=(16, 32)) -> keras.Model:
         name: the model's name.
         outputs: int, logits of a member; `None` for a body.
         filters: filters of each convolutional block.
+        pooling: bool, whether global average pooling ends the blocks;
+            `False` leaves the last feature map, for heads with
+            `conv_filters`.
 
     Returns:
         A `keras.Sequential` taking `[batch, 784]` inputs in [0, 1].
@@ -51,7 +56,8 @@ def cnn(name: str, outputs: int | None = None, filters=(16, 32)) -> keras.Model:
             keras.layers.ReLU(),
             keras.layers.MaxPooling2D(),
         ]
-    layers.append(keras.layers.GlobalAveragePooling2D())
+    if pooling:
+        layers.append(keras.layers.GlobalAveragePooling2D())
     if outputs is not None:
         layers.append(keras.layers.Dense(outputs))
     return keras.Sequential(layers, name=name)
