@@ -44,7 +44,8 @@ class HydraModel(keras.Model):
     `teacher` is given (e.g. under data augmentation).
 
     Args:
-        body: Keras model or layer mapping inputs to features `[batch, d]`.
+        body: Keras model or layer mapping inputs to features `[batch, d]`
+            (or to a feature map, for heads with `conv_filters`).
         head: the output family, e.g. `keras_hydra.heads.Categorical(10)`.
         num_heads: int, the number of heads to start with.
         teacher: optional sequence of member models (or a

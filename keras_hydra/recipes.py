@@ -301,7 +301,8 @@ def distill(
 
     Args:
         teacher: the M trained member models, or an `Ensemble` of them.
-        body: the shared body, mapping inputs to features `[batch, d]`.
+        body: the shared body, mapping inputs to features `[batch, d]` (or
+            to a feature map, for heads with `conv_filters`).
         head: the output family, e.g. `keras_hydra.heads.Categorical(10)`.
         x: training inputs (array, or a `tf.data.Dataset` of input batches).
         recipe: a preset name (`"paper"`, `"image_ood"`,

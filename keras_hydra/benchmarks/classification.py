@@ -9,8 +9,8 @@ same transfer set, body, batch size, learning rate and total epochs, one
 linear head), on a student body of the same kind (`--body mlp`: 784-512;
 `cnn`: `images.cnn` with `--student-filters`, by default the members' 16 and
 32, and with `--student-head-conv`, heads that start with a convolution on
-its last feature map). The single model is an ensemble member (member `s` for seed `s`).
-Everything is scored on the Fashion-MNIST test set and on the
+its last feature map). The single model is an ensemble member (member `s`
+for seed `s`). Everything is scored on the Fashion-MNIST test set and on the
 out-of-distribution sets of `images.ood_sets` (MNIST, plus sets built from
 offline data) and any `--extra-ood` files, and written to
 `OUT/results.json`, `OUT/table.md` and PNG plots.
