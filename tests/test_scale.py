@@ -204,6 +204,12 @@ def test_mirrored_two_replicas_match_one_device(mirrored):
     assert_same_run(arrays, "single", "mirrored", rtol=1e-5, atol=1e-6)
 
 
+def test_mirrored_conv_heads_match_one_device(mirrored):
+    arrays, _ = mirrored
+    assert len(arrays["single_conv_losses"]) == 4
+    assert_same_run(arrays, "single_conv", "mirrored_conv", rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("tensor", ["x", "y"], ids=["x-on-replica1", "y-on-replica0"])
 def test_mirrored_bad_batch_on_one_replica_stops_both(mirrored, tensor):
     # The third batch is bad on one replica only (see `scale_runs.mirrored`);

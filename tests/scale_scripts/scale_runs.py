@@ -36,14 +36,24 @@ def data(n=64, seed=0):
     return x, targets
 
 
-def hydra(seed=0):
+def hydra(seed=0, conv=False):
+    """A small Hydra; with `conv`, conv heads on a 5x1x4 feature map."""
     import keras
 
     import keras_hydra as kh
 
     keras.utils.set_random_seed(seed)
-    body = keras.Sequential([keras.layers.Dense(8, activation="relu")], name="body")
-    model = kh.HydraModel(body, kh.heads.Categorical(NUM_CLASSES, hidden_units=(4,)))
+    layers = [keras.layers.Dense(8, activation="relu")]
+    if conv:
+        layers = [
+            keras.layers.Reshape((NUM_FEATURES, 1, 1)),
+            keras.layers.Conv2D(4, (3, 1), padding="same", activation="relu"),
+        ]
+    body = keras.Sequential(layers, name="body")
+    head = kh.heads.Categorical(
+        NUM_CLASSES, hidden_units=(4,), conv_filters=3 if conv else 0
+    )
+    model = kh.HydraModel(body, head)
     model.compile(optimizer="adam", loss=kh.losses.HydraKL(temperature=2.0))
     model.build((None, NUM_FEATURES))
     return model
@@ -116,6 +126,12 @@ def mirrored(out):
     facts["mirrored_weights"] = [is_mirrored(v) for v in model.weights]
     facts["mirrored_optimizer"] = [is_mirrored(v) for v in model.optimizer.variables]
     facts["head_shapes"] = [list(v.shape) for v in model.heads.weights]
+    single_conv = hydra(conv=True)
+    initial_conv = single_conv.get_weights()
+    results["single_conv"] = run(single_conv, initial_conv, x, targets)
+    with strategy.scope():
+        mirrored_conv = hydra(conv=True)
+    results["mirrored_conv"] = run(mirrored_conv, initial_conv, x, targets)
     # The spread, a mirrored weight assigned outside the train step: after
     # more phase-2 epochs, so that the heads differ, both models calibrate to
     # the single model's heads spread twice as far.
