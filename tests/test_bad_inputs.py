@@ -483,3 +483,36 @@ def test_uci_load_ignores_non_finite_unused_rows(tmp_path):
     root = uci_folder(tmp_path, data_txt="1 2\n2 4\n3 6\n4 8\nnan 1")
     split = kh.data.uci.load(root)
     assert split.x_train.shape == (3, 1) and np.all(np.isfinite(split.x_train))
+
+
+@pytest.mark.parametrize("tensor", ["x", "y"])
+def test_conv_heads_bad_later_batch_stops_fit_with_weights_from_before(tensor):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(64, 8, 8, 1)).astype("float32")
+    targets = rng.normal(size=(64, 3, 4)).astype("float32")
+
+    def conv_hydra():
+        keras.utils.set_random_seed(0)
+        body = keras.Sequential(
+            [keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu")]
+        )
+        head = kh.heads.Categorical(4, conv_filters=5)
+        model = kh.HydraModel(body, head, num_heads=3)
+        model.compile("adam", kh.losses.HydraKL())
+        return model
+
+    # The reference: the same model trained on the three good batches only.
+    clean = conv_hydra()
+    clean.fit(x[:48], targets[:48], batch_size=16, shuffle=False, verbose=0)
+    bad_x, bad_targets = x.copy(), targets.copy()
+    if tensor == "x":
+        bad_x[50, 3, 3, 0] = np.nan
+    else:
+        bad_targets[50, 1, 2] = np.inf
+    model = conv_hydra()
+    data = tf.data.Dataset.from_tensor_slices((bad_x, bad_targets)).batch(16)
+    name = "inputs x" if tensor == "x" else "targets y"
+    with pytest.raises(ValueError, match=f"step 3 .*non-finite {name}"):
+        model.fit(data, verbose=0)
+    for got, want in zip(model.get_weights(), clean.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
