@@ -6,7 +6,10 @@ set, then distils one `image_ood` Hydra per student body and scores each as
 the benchmark does (`classification.evaluate` / `fidelity`). Results go to
 OUT/results.json after every variant.
 
-    python experiments/cnn_students.py OUT base wide flat wideflat conv
+    python experiments/cnn_students.py OUT base wide flat wideflat conv conv64
+
+A variant may end in `/N` to distil it again with student seed N (default 0):
+`conv/1` is the `conv` student from another initialisation and shuffle.
 """
 
 import json
@@ -33,13 +36,14 @@ def body(variant: str) -> keras.Model:
         model.pop()
         model.add(keras.layers.Flatten())
         return model
-    if variant == "conv":  # the last feature map, for heads with conv_filters
+    if variant in ("conv", "conv64"):  # the last feature map, for conv heads
         return images.cnn("body", pooling=False)
     raise ValueError(variant)
 
 
 def head(variant: str) -> heads.Categorical:
-    return heads.Categorical(10, conv_filters=32 if variant == "conv" else 0)
+    filters = {"conv": 32, "conv64": 64}.get(variant, 0)
+    return heads.Categorical(10, conv_filters=filters)
 
 
 def _members(folder, x, y, config):
@@ -82,17 +86,19 @@ def main(out, variants):
         ensemble, x, recipe, image_shape=cls.IMAGE_SHAPE, seed=7, batch_size=2048
     )
     for variant in variants:
+        name, _, seed = variant.partition("/")
+        seed = int(seed or 0)
         tick = time.perf_counter()
-        keras.utils.set_random_seed(2000)
+        keras.utils.set_random_seed(2000 + seed)
         with cls._dtype_policy(config.student_dtype):
             hydra = recipes.distill(
                 members,
-                body(variant),
-                head(variant),
+                body(name),
+                head(name),
                 None,
                 recipe,
                 transfer_data=transfer,
-                seed=7,
+                seed=7 + seed,
                 verbose=0,
             )
         hydra_out = outputs_of(hydra)
