@@ -23,6 +23,19 @@ from keras_hydra import heads, recipes, teacher
 from keras_hydra.benchmarks import classification as cls
 from keras_hydra.benchmarks import images
 
+VARIANTS = ("base", "wide", "flat", "wideflat", "conv", "conv64")
+
+
+def parse(variant: str) -> tuple[str, int]:
+    """`name` or `name/N` as (name, student seed N), checked before any work."""
+    name, _, seed = variant.partition("/")
+    if name not in VARIANTS or not (seed == "" or seed.isdigit()):
+        raise ValueError(
+            f"Unknown variant {variant!r}: expected one of {VARIANTS}, "
+            "optionally followed by /N with N a student seed >= 0."
+        )
+    return name, int(seed or 0)
+
 
 def body(variant: str) -> keras.Model:
     if variant == "base":
@@ -59,6 +72,9 @@ def _members(folder, x, y, config):
 
 
 def main(out, variants):
+    if not variants:
+        raise ValueError(f"No variant given: name one or more of {VARIANTS}.")
+    students = [(variant, *parse(variant)) for variant in variants]
     os.makedirs(out, exist_ok=True)
     config = cls.ClassificationConfig(body="cnn", seeds=1)
     data = cls.load_data(config)
@@ -85,9 +101,7 @@ def main(out, variants):
     transfer = recipes.transfer_set(
         ensemble, x, recipe, image_shape=cls.IMAGE_SHAPE, seed=7, batch_size=2048
     )
-    for variant in variants:
-        name, _, seed = variant.partition("/")
-        seed = int(seed or 0)
+    for variant, name, seed in students:
         tick = time.perf_counter()
         keras.utils.set_random_seed(2000 + seed)
         with cls._dtype_policy(config.student_dtype):
