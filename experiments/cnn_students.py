@@ -9,7 +9,9 @@ OUT/results.json after every variant.
     python experiments/cnn_students.py OUT base wide flat wideflat conv conv64
 
 A variant may end in `/N` to distil it again with student seed N (default 0):
-`conv/1` is the `conv` student from another initialisation and shuffle.
+`conv/1` is the `conv` student from another initialisation and shuffle. A
+body may be followed by `+change` to distil it with `image_ood` changed as
+`RECIPES` says: `conv+cosine/1`.
 """
 
 import json
@@ -24,17 +26,30 @@ from keras_hydra.benchmarks import classification as cls
 from keras_hydra.benchmarks import images
 
 VARIANTS = ("base", "wide", "flat", "wideflat", "conv", "conv64")
+# Changes to `image_ood` tried on the CNN students, as `HydraRecipe` fields.
+RECIPES = {
+    "": {},
+    "cosine": {"schedule": "cosine"},
+    "logits3": {"logit_weight": 0.3},
+}
 
 
-def parse(variant: str) -> tuple[str, int]:
-    """`name` or `name/N` as (name, student seed N), checked before any work."""
-    name, _, seed = variant.partition("/")
-    if name not in VARIANTS or not (seed == "" or seed.isdigit()):
+def parse(variant: str) -> tuple[str, recipes.HydraRecipe, int]:
+    """`body[+change][/N]` as (body, recipe, student seed N), checked first."""
+    rest, _, seed = variant.partition("/")
+    name, _, change = rest.partition("+")
+    if (
+        name not in VARIANTS
+        or change not in RECIPES
+        or not (seed == "" or seed.isdigit())
+    ):
         raise ValueError(
             f"Unknown variant {variant!r}: expected one of {VARIANTS}, "
-            "optionally followed by /N with N a student seed >= 0."
+            f"optionally followed by +C with C one of {tuple(RECIPES)[1:]}, "
+            "then optionally by /N with N a student seed >= 0."
         )
-    return name, int(seed or 0)
+    recipe = recipes.HydraRecipe.get("image_ood").replace(**RECIPES[change])
+    return name, recipe, int(seed or 0)
 
 
 def body(variant: str) -> keras.Model:
@@ -97,11 +112,11 @@ def main(out, variants):
         with open(path) as f:
             results = json.load(f)
     results["ensemble"] = cls.evaluate(ens_out, data["y_test"], 0)
-    recipe = recipes.HydraRecipe.get("image_ood")
+    # The changes in `RECIPES` leave the transfer set as `image_ood` makes it.
     transfer = recipes.transfer_set(
-        ensemble, x, recipe, image_shape=cls.IMAGE_SHAPE, seed=7, batch_size=2048
+        ensemble, x, "image_ood", image_shape=cls.IMAGE_SHAPE, seed=7, batch_size=2048
     )
-    for variant, name, seed in students:
+    for variant, name, recipe, seed in students:
         tick = time.perf_counter()
         keras.utils.set_random_seed(2000 + seed)
         with cls._dtype_policy(config.student_dtype):
