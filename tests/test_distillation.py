@@ -147,9 +147,13 @@ def test_both_phases_give_hydra_kl_of_the_online_teacher(online):
             assert logs["student_loss"] == 0.0
         assert phase.after[0]["loss"] < 0.8 * phase.before[0]["loss"]
         assert phase.fit["loss"][-1] < phase.fit["loss"][0]
-    # Phase 2 starts from M copies of the phase-1 head.
+    # Phase 2 starts from M copies of the phase-1 head. The copies are exact, but
+    # M heads run as one wider matmul, which some CPUs round differently (2e-7).
     np.testing.assert_allclose(
-        phases[1].before[1], np.repeat(phases[0].after[1], NUM_MEMBERS, axis=1)
+        phases[1].before[1],
+        np.repeat(phases[0].after[1], NUM_MEMBERS, axis=1),
+        rtol=1e-6,
+        atol=1e-6,
     )
 
 
